@@ -1,0 +1,59 @@
+"""Criteria registry: ``CRITERIA.get("snip_momentum")`` → the criterion class.
+
+Adding a criterion means writing one class with ``layer_scores`` (and ``step_term`` for gradient-based ones)
+and registering it here.
+"""
+from __future__ import annotations
+
+import torch
+
+from prunekit.criteria.base import Criterion, GradientCriterion
+from prunekit.registry import Registry
+
+CRITERIA: Registry[type[Criterion]] = Registry("pruning_type")
+
+
+@CRITERIA.register("magnitude")
+class Magnitude(Criterion):
+    """|W|, computed at each pruning event (nothing is stored between events)."""
+
+    @torch.no_grad()
+    def layer_scores(self, layer) -> torch.Tensor:
+        return layer.score_from(lambda w, g: w.abs(), needs_grad=False).float()
+
+
+@CRITERIA.register("gradient")
+class Gradient(GradientCriterion):
+    """|G| of the latest optimizer step."""
+
+    def step_term(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad.abs()
+
+
+@CRITERIA.register("snip")
+class Snip(GradientCriterion):
+    """|W·G| of the latest optimizer step (Lee et al., 2019)."""
+
+    def step_term(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return (weight * grad).abs_()
+
+
+@CRITERIA.register("snip_momentum")
+class SnipMomentum(Snip):
+    """S ← 0.9·S + |W·G| every optimizer step (the original's default)."""
+
+    momentum = 0.9
+
+
+@CRITERIA.register("pattern_lock")
+class PatternLock(Criterion):
+    """Keep the zeros a model already has (fine-tuning a pre-sparsified model); prunes nothing new."""
+
+    locks = True
+
+    def layer_scores(self, layer) -> torch.Tensor:  # pragma: no cover - the pruner never ranks a lock
+        raise RuntimeError("pattern_lock does not rank units")
+
+
+__all__ = ["CRITERIA", "Criterion", "GradientCriterion", "Magnitude", "Gradient", "Snip", "SnipMomentum",
+           "PatternLock"]

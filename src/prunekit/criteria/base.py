@@ -1,0 +1,80 @@
+"""The criterion interface: a criterion scores units (lower = pruned first).
+
+Scores are kept at the granularity the pattern asks for (one value per block for NxM, per element for N:M), so
+block patterns never hold full-size score tensors. ``accumulate`` is called once per *optimizer* step, after
+gradients are final (unscaled under AMP, all-reduced under DDP) and before the optimizer consumes them.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunekit.pruner import PrunedLayer
+
+
+class Criterion(ABC):
+    """Scores the units of every layer of one pruner."""
+
+    #: True when scores come from gradients (so an event must wait for at least one optimizer step)
+    needs_grad: bool = False
+    #: True for pattern_lock: masks come from the existing zeros, not from scores
+    locks: bool = False
+
+    def __init__(self, low_memory_usage: bool = False) -> None:
+        self.score_dtype = torch.bfloat16 if low_memory_usage else torch.float32
+        self.scores: dict[str, torch.Tensor] = {}
+
+    @property
+    def ready(self) -> bool:
+        """Whether scores exist for ranking now."""
+        return True
+
+    def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
+        """Fold the current gradients into the scores (gradient-based criteria only)."""
+
+    @abstractmethod
+    def layer_scores(self, layer: "PrunedLayer") -> torch.Tensor:
+        """Scores of ``layer`` at ``layer.bound.score_shape``, float32."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": {k: v.clone() for k, v in self.scores.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores = {k: v.clone() for k, v in state.get("scores", {}).items()}
+
+
+class GradientCriterion(Criterion):
+    """Base of criteria that store per-step gradient information."""
+
+    needs_grad = True
+    #: weight of the old score when a new step is folded in (0 = keep only the latest step)
+    momentum: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.scores)
+
+    @abstractmethod
+    def step_term(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Element-wise importance of this step (a fresh tensor, safe to modify)."""
+
+    @torch.no_grad()
+    def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
+        for layer in layers:
+            term = layer.score_from(self.step_term, needs_grad=True)
+            if term is None:  # no gradient reached this layer in this step
+                continue
+            old = self.scores.get(layer.name)
+            if old is None or self.momentum == 0.0:
+                self.scores[layer.name] = term.to(self.score_dtype)
+            else:
+                old.mul_(self.momentum).add_(term)
+
+    def layer_scores(self, layer: "PrunedLayer") -> torch.Tensor:
+        score = self.scores.get(layer.name)
+        if score is None:  # a layer that never received a gradient: rank it as unimportant
+            return torch.zeros(layer.score_shape, device=layer.device)
+        return score.float()

@@ -1,0 +1,26 @@
+"""Keeping ranks in agreement under torch.distributed.
+
+Scores are computed from gradients that DDP has already averaged, so ranks compute the same masks; broadcasting
+the masks from rank 0 after every event makes that a guarantee instead of an assumption (a bool per block is
+cheap), whatever the floating-point order of each rank's kernels.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_masks(masks: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite every rank's masks with rank ``src``'s (bool tensors go over the wire as uint8)."""
+    if not is_distributed():
+        return
+    for mask in masks:
+        wire = mask.to(torch.uint8)
+        dist.broadcast(wire, src=src)
+        mask.copy_(wire.bool())

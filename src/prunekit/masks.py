@@ -1,0 +1,121 @@
+"""Masks as real module state.
+
+A pruned weight gets a *non-persistent* buffer ``<param>_prune_mask`` on its module: it moves with
+``model.to(device)``, survives ``copy.deepcopy`` and ``torch.save(model)``, yet the model's ``state_dict`` keeps
+its original keys, so a pruned checkpoint loads into an unpruned model. The pruning object's own
+``state_dict`` carries the masks for exact resume. Masks are stored at pattern granularity (one bool per block)
+and applied by broadcasting over a view, so block patterns never materialise a full-size mask.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from prunekit.patterns.base import BoundPattern
+
+MASK_SUFFIX = "_prune_mask"
+_PATTERN_ATTR = "_prunekit_patterns"  # module attribute: {param_name: pattern spec}, for reports
+
+
+def mask_buffer_name(param_name: str) -> str:
+    return param_name + MASK_SUFFIX
+
+
+def pruned_params(module: nn.Module) -> dict[str, str]:
+    """``{param_name: pattern spec}`` of the masked parameters of one module."""
+    return dict(getattr(module, _PATTERN_ATTR, {}))
+
+
+class PrunedLayer:
+    """One weight under one pattern: its mask, and the operations the engine performs on it."""
+
+    def __init__(self, name: str, module: nn.Module, bound: BoundPattern, spec: str,
+                 param_name: str = "weight") -> None:
+        self.name, self.module, self.bound, self.param_name = name, module, bound, param_name
+        self.buffer = mask_buffer_name(param_name)
+        existing = getattr(module, self.buffer, None)
+        if not isinstance(existing, torch.Tensor) or tuple(existing.shape) != bound.mask_shape:
+            module.register_buffer(self.buffer, bound.full_mask().to(self.weight.device), persistent=False)
+        patterns = dict(getattr(module, _PATTERN_ATTR, {}))
+        patterns[param_name] = spec
+        setattr(module, _PATTERN_ATTR, patterns)
+
+    # --- state -----------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.param_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return getattr(self.module, self.buffer)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask.copy_(mask.reshape(self.bound.mask_shape))
+
+    @property
+    def num_units(self) -> int:
+        return self.bound.num_units
+
+    @property
+    def score_shape(self) -> tuple[int, ...]:
+        return self.bound.score_shape
+
+    @property
+    def numel(self) -> int:
+        return self.bound.numel
+
+    def zeros(self) -> int:
+        """Elements the mask zeroes."""
+        return self.bound.pruned_units(self.mask) * self.bound.unit_zeros
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+    def score_from(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                   needs_grad: bool) -> torch.Tensor | None:
+        """``fn(weight, grad)`` element-wise, reduced to this layer's score granularity (None: no gradient)."""
+        grad = self.weight.grad
+        if needs_grad and grad is None:
+            return None
+        return self.bound.reduce_scores(fn(self.weight.detach(), grad))
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.bound.unit_scores(scores)
+
+    def set_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> None:
+        self.set_mask(self.bound.mask_from_pruned_units(pruned.to(self.device), scores))
+
+    def lock_existing_zeros(self) -> None:
+        self.set_mask(self.bound.lock_mask(self.weight))
+
+    # --- masking ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero the pruned weights."""
+        self.bound.apply_(self.weight.data, self.mask)
+
+    @torch.no_grad()
+    def mask_grad_(self) -> None:
+        """Zero the gradients of pruned weights, so optimizer state does not build up behind them."""
+        grad = self.weight.grad
+        if grad is not None:
+            self.bound.apply_(grad, self.mask)
+
+    @torch.no_grad()
+    def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero momentum-like optimizer state of pruned weights (e.g. Adam's moments) after an event."""
+        for value in optimizer.state.get(self.weight, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
+                self.bound.apply_(value, self.mask)
+
+    def detach(self) -> None:
+        """Remove the mask buffer (the zeros stay in the weight)."""
+        if self.buffer in self.module._buffers:
+            del self.module._buffers[self.buffer]
+        patterns = dict(getattr(self.module, _PATTERN_ATTR, {}))
+        patterns.pop(self.param_name, None)
+        setattr(self.module, _PATTERN_ATTR, patterns)

@@ -1,0 +1,109 @@
+"""The pattern interface: how a weight is cut into ranking *units* and how a unit mask is applied.
+
+A :class:`Pattern` is parsed from a config string (``"4x1"``, ``"2:4"`` …). Binding it to one weight gives a
+:class:`BoundPattern`, which knows that weight's shape and answers everything the engine asks:
+how many units there are, how element scores are reduced to the granularity a criterion stores, which units
+score lowest, and how to multiply a weight (or its gradient, or optimizer state) by the mask.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+from prunekit.layouts import WeightLayout
+
+_REDUCERS = {
+    "mean": lambda t, dims: t.mean(dim=dims, keepdim=True),
+    "sum": lambda t, dims: t.sum(dim=dims, keepdim=True),
+    "max": lambda t, dims: t.amax(dim=dims, keepdim=True),
+}
+
+
+def reduce_dims(t: torch.Tensor, dims: Sequence[int], how: str) -> torch.Tensor:
+    """Reduce ``t`` over ``dims`` (keeping them as size 1) with ``mean``, ``sum`` or ``max``."""
+    if all(t.shape[d] == 1 for d in dims):  # nothing to reduce (e.g. 1x1): keep the view, skip a pass
+        return t
+    return _REDUCERS[how](t, tuple(dims))
+
+
+class BoundPattern(ABC):
+    """A pattern bound to one weight shape. Masks are bool, True = keep."""
+
+    #: number of ranking units (blocks, N:M groups, channels, heads)
+    num_units: int
+    #: shape of the stored mask tensor
+    mask_shape: tuple[int, ...]
+    #: shape of the scores a criterion stores for this weight
+    score_shape: tuple[int, ...]
+    #: whether mask_from_pruned_units needs the stored scores (N:M picks which N of each group)
+    needs_scores_for_mask: bool = False
+
+    def __init__(self, shape: Sequence[int], layout: WeightLayout, reduce: str) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.layout = layout
+        self.reduce = reduce
+        self.numel = 1
+        for s in self.shape:
+            self.numel *= s
+
+    @abstractmethod
+    def reduce_scores(self, elem: torch.Tensor) -> torch.Tensor:
+        """Element scores (weight-shaped) → the granularity a criterion accumulates (``score_shape``)."""
+
+    @abstractmethod
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Stored scores → one float per unit, flat (lower = pruned first)."""
+
+    @abstractmethod
+    def mask_from_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        """Flat bool of pruned units (+ the stored scores, for within-unit choices) → keep-mask."""
+
+    @abstractmethod
+    def apply_(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Multiply a weight-shaped tensor in place by the mask (no full-size mask is materialised)."""
+
+    @abstractmethod
+    def pruned_units(self, mask: torch.Tensor) -> int:
+        """How many units the mask prunes."""
+
+    @abstractmethod
+    def lock_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """A mask that keeps the existing zeros of ``weight`` zero (lock-in of a pre-sparsified model)."""
+
+    @abstractmethod
+    def expand(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mask at full weight shape (reporting and tests only; never on the training path)."""
+
+    #: elements zeroed when one unit is pruned
+    unit_zeros: int
+
+    def full_mask(self) -> torch.Tensor:
+        """An all-keep mask."""
+        return torch.ones(self.mask_shape, dtype=torch.bool)
+
+    def element_sparsity(self, mask: torch.Tensor) -> float:
+        """Fraction of the weight's elements the mask zeroes."""
+        return self.pruned_units(mask) * self.unit_zeros / self.numel
+
+
+class Pattern(ABC):
+    """A parsed pattern string. ``bind`` checks the shape and returns a BoundPattern or a reason string."""
+
+    spec: str
+    #: the largest element sparsity this pattern can express (N/M for N:M)
+    max_sparsity: float = 1.0
+    #: how many elements a unit holds relative to its zeros: an element target t means t / unit_fraction units
+    unit_fraction: float = 1.0
+
+    @abstractmethod
+    def bind(self, shape: Sequence[int], layout: WeightLayout, reduce: str = "mean") -> BoundPattern | str:
+        """Bind to a weight shape; return a human-readable reason instead when the shape cannot be tiled."""
+
+    def to_unit_ratio(self, element_ratio: float) -> float:
+        """Convert an element sparsity target into a fraction of units."""
+        return min(1.0, element_ratio / self.unit_fraction)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"

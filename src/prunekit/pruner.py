@@ -1,0 +1,167 @@
+"""One Pruner per PrunerConfig: its layers, pattern, criterion and schedule, and what a pruning event does."""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from prunekit.criteria import CRITERIA
+from prunekit.errors import SelectionError
+from prunekit.masks import PrunedLayer
+from prunekit.patterns import parse_pattern
+from prunekit.ranking import Quota, allocate, lowest
+from prunekit.schedules import Schedule
+from prunekit.selection import select
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunekit.config import PrunerConfig
+
+logger = logging.getLogger("prunekit")
+
+#: below this many units in total, unit scores are computed once per event and held; above it they are
+#: recomputed on demand in each ranking pass, so memory stays bounded for very large models
+MATERIALIZE_UNITS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one pruning event did (kept for reports and plots)."""
+
+    step: int
+    target: float
+    sparsity: float
+
+
+class Pruner:
+    """Prunes the layers selected by one config entry."""
+
+    def __init__(self, model: nn.Module, config: "PrunerConfig", name: str = "pruner0") -> None:
+        self.config, self.name = config, name
+        self.pattern = parse_pattern(config.pattern)
+        self.layers, self.skipped = self._bind_layers(model)
+        self.criterion = CRITERIA.get(config.criterion)(low_memory_usage=config.low_memory_usage)
+        self.schedule = Schedule(config.start_step, config.end_step, config.pruning_frequency,
+                                 min(config.target_sparsity, config.max_sparsity_ratio_per_op),
+                                 config.sparsity_decay_type)
+        self.initial_sparsity = 0.0
+        self.last_event_step: int | None = None
+        self.history: list[Event] = []
+
+    def _bind_layers(self, model: nn.Module) -> tuple[list[PrunedLayer], list[tuple[str, str]]]:
+        cfg = self.config
+        chosen = select(model, cfg.op_names, cfg.excluded_op_names, cfg.pruning_op_types)
+        layers, skipped = [], []
+        for cand in chosen:
+            bound = self.pattern.bind(cand.module.weight.shape, cand.layout, cfg.criterion_reduce_type)
+            if isinstance(bound, str):
+                skipped.append((cand.name, f"left dense: {bound}"))
+                warnings.warn(f"prunekit: {cand.name} left dense under pattern {cfg.pattern}: {bound}",
+                              stacklevel=3)
+                continue
+            layers.append(PrunedLayer(cand.name, cand.module, bound, self.pattern.spec))
+        if not layers:
+            raise SelectionError(f"{self.name}: every selected layer was left dense: {skipped}")
+        return layers, skipped
+
+    # --- schedule --------------------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether an event is scheduled at ``step`` and has not run yet."""
+        return self.last_event_step != step and self.schedule.event_index(step) is not None
+
+    def ready(self) -> bool:
+        return self.criterion.locks or self.criterion.ready
+
+    # --- events ----------------------------------------------------------------------------------------------
+    def current_sparsity(self) -> float:
+        """Element sparsity of this pruner's layers, as the masks say."""
+        return sum(layer.zeros() for layer in self.layers) / max(1, sum(l.numel for l in self.layers))
+
+    def _unit_sparsity(self) -> float:
+        pruned = sum(l.bound.pruned_units(l.mask) for l in self.layers)
+        return pruned / max(1, sum(l.num_units for l in self.layers))
+
+    @torch.no_grad()
+    def prune(self, step: int) -> Event:
+        """Run the event scheduled at ``step``: new masks, applied to the weights."""
+        index = self.schedule.event_index(step)
+        if index is None:
+            raise RuntimeError(f"{self.name}: no pruning event is scheduled at step {step}")
+        self.last_event_step = step
+        cfg = self.config
+        if self.criterion.locks or (cfg.lock_init_sparsity and step == self.schedule.start_step):
+            for layer in self.layers:
+                layer.lock_existing_zeros()
+            self.initial_sparsity = self.current_sparsity()
+        if not self.criterion.locks:
+            target = self.schedule.target_at(index, self.initial_sparsity)
+            if target > 0.0:
+                self._rank(self.pattern.to_unit_ratio(target))
+        else:
+            target = self.initial_sparsity
+        for layer in self.layers:
+            layer.apply_()
+        event = Event(step, target, self.current_sparsity())
+        self.history.append(event)
+        logger.info("%s step %d: target %.4f, sparsity %.4f", self.name, step, target, event.sparsity)
+        return event
+
+    def _sources(self) -> list[Callable[[], torch.Tensor]]:
+        crit = self.criterion
+        if sum(l.num_units for l in self.layers) <= MATERIALIZE_UNITS:
+            held = [l.unit_scores(crit.layer_scores(l)) for l in self.layers]
+            return [lambda t=t: t for t in held]
+        return [lambda l=l: l.unit_scores(crit.layer_scores(l)) for l in self.layers]
+
+    def _rank(self, unit_target: float) -> None:
+        cfg = self.config
+        to_units = self.pattern.to_unit_ratio
+        lo_ratio = min(to_units(cfg.min_sparsity_ratio_per_op), unit_target)
+        hi_ratio = to_units(cfg.max_sparsity_ratio_per_op)
+        sources = self._sources()
+        names = [l.name for l in self.layers]
+        if cfg.pruning_scope == "local":
+            ratio = min(max(unit_target, lo_ratio), hi_ratio)
+            pruned = [lowest(s, round(ratio * l.num_units), l.num_units, l.name)
+                      for s, l in zip(sources, self.layers)]
+        else:
+            quotas = [Quota(l.num_units, round(lo_ratio * l.num_units), round(hi_ratio * l.num_units))
+                      for l in self.layers]
+            k = round(unit_target * sum(q.n for q in quotas))
+            pruned = allocate(sources, quotas, k, names)
+            if sum(int(p.sum()) for p in pruned) < k:
+                warnings.warn(f"prunekit: {self.name} cannot reach unit sparsity {unit_target:.4f}: "
+                              f"max_sparsity_ratio_per_op={cfg.max_sparsity_ratio_per_op} caps every layer",
+                              stacklevel=3)
+        for layer, units in zip(self.layers, pruned):
+            # N:M chooses *which* N of each group from element scores; block masks need no scores
+            scores = self.criterion.layer_scores(layer) if layer.bound.needs_scores_for_mask else None
+            layer.set_pruned_units(units, scores)
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "layers": [l.name for l in self.layers],
+            "masks": {l.name: l.mask.clone() for l in self.layers},
+            "criterion": self.criterion.state_dict(),
+            "last_event_step": self.last_event_step,
+            "initial_sparsity": self.initial_sparsity,
+            "history": [(e.step, e.target, e.sparsity) for e in self.history],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        names = [l.name for l in self.layers]
+        if list(state["layers"]) != names:
+            raise ValueError(f"{self.name}: the saved pruning state covers layers {state['layers']}, "
+                             f"this model selects {names}; the config or the model differs")
+        for layer in self.layers:
+            layer.set_mask(state["masks"][layer.name].to(layer.device))
+            layer.apply_()
+        self.criterion.load_state_dict(state["criterion"])
+        self.last_event_step = state["last_event_step"]
+        self.initial_sparsity = state["initial_sparsity"]
+        self.history = [Event(*e) for e in state["history"]]

@@ -1,0 +1,204 @@
+"""Pruning: the optimizer-like object that drives every pruner of a config.
+
+Where things happen within optimizer step s (hooks or callbacks, both identical):
+
+* start of step s (``on_step_begin``, or right after step s-1): events whose criterion needs no gradient
+  (magnitude) and gradient criteria that already hold scores from steps < s;
+* before ``optimizer.step()``: gradient criteria fold in this step's gradients; an event still due at s (a
+  gradient criterion's first event, e.g. one-shot at step 0) runs now; then gradients of pruned weights are
+  zeroed so optimizer state does not build up behind them;
+* after ``optimizer.step()``: pruned weights are zeroed again (weight decay, leftover momentum) and the step
+  counter advances. Only optimizer steps count: gradient accumulation micro-batches and evaluation forwards
+  never advance the schedule.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.config import PruningConfig, load_config
+from prunekit.distributed import broadcast_masks
+from prunekit.errors import SelectionError
+from prunekit.pruner import Pruner
+
+logger = logging.getLogger("prunekit")
+
+STATE_VERSION = 1
+
+
+class Pruning:
+    """Prunes ``model`` as ``config`` says, driven by training-loop callbacks or the optimizer's step hooks.
+
+    Args:
+        model: the model to prune (masks are attached to its modules as non-persistent buffers).
+        config: anything :func:`prunekit.config.load_config` accepts (typed config, 2.x dicts, YAML path …).
+        optimizer: optional; when given, momentum-like optimizer state of newly pruned weights is zeroed at
+            every event. Use :func:`prunekit.prepare_pruning` to also drive the callbacks from its step hooks.
+    """
+
+    def __init__(self, model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model = model
+        self.config: PruningConfig = load_config(config)
+        self.pruners = [Pruner(model, c, f"pruner{i}") for i, c in enumerate(self.config.pruners)]
+        self._check_disjoint()
+        self.optimizer = optimizer
+        self.global_step = 0
+        self._in_step = False  # between on_before_optimizer_step and on_after_optimizer_step
+        self._missing_after_warned = False
+        self._handles: list[Any] = []
+
+    def _check_disjoint(self) -> None:
+        owner: dict[str, str] = {}
+        for pruner in self.pruners:
+            for layer in pruner.layers:
+                if layer.name in owner:
+                    raise SelectionError(
+                        f"layer {layer.name!r} is selected by both {owner[layer.name]} and {pruner.name}; "
+                        f"give the pruners disjoint op_names / excluded_op_names")
+                owner[layer.name] = pruner.name
+
+    @property
+    def layers(self):
+        return [layer for pruner in self.pruners for layer in pruner.layers]
+
+    # --- callbacks -------------------------------------------------------------------------------------------
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        """Run the events due before the first step (e.g. one-shot magnitude pruning at step 0)."""
+        self._run_due_events(need_ready=True)
+
+    def on_epoch_begin(self, *args: Any, **kwargs: Any) -> None:
+        """No-op (pruning counts optimizer steps, not epochs)."""
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        """Events due at the start of this step. The batch index argument is ignored: steps are counted."""
+        self._run_due_events(need_ready=True)
+
+    def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Fold gradients into scores, run events still due, mask gradients. Call after backward
+        (after ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``."""
+        if self._in_step:  # on_after_optimizer_step was not called for the previous step
+            if not self._missing_after_warned:
+                warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer "
+                              "step; advancing the step counter here", stacklevel=2)
+                self._missing_after_warned = True
+            self.on_after_optimizer_step()
+        with torch.no_grad():
+            for pruner in self.pruners:
+                if pruner.criterion.needs_grad:
+                    pruner.criterion.accumulate(pruner.layers)
+            self._run_due_events(need_ready=False)
+            for layer in self.layers:
+                layer.mask_grad_()
+        self._in_step = True
+
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Zero pruned weights again, advance the step counter, run events due at the next step's start."""
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.apply_()
+        self.global_step += 1
+        self._in_step = False
+        self._run_due_events(need_ready=True)
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        """No-op (kept for the original's loop contract)."""
+
+    def on_epoch_end(self, *args: Any, **kwargs: Any) -> None:
+        """No-op (kept for the original's loop contract)."""
+
+    def on_train_end(self, *args: Any, print_report: bool = True, **kwargs: Any):
+        """Apply the final masks once more and print (and return) the sparsity report."""
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.apply_()
+        report = self.report()
+        if print_report:
+            print(report.table())
+        return report
+
+    # --- events ----------------------------------------------------------------------------------------------
+    def _run_due_events(self, need_ready: bool) -> None:
+        for pruner in self.pruners:
+            if not pruner.due(self.global_step):
+                continue
+            if not pruner.ready():
+                if need_ready:
+                    continue  # a gradient criterion with no scores yet: runs before this step's update
+                warnings.warn(f"prunekit: {pruner.name} has no gradient scores at step {self.global_step} "
+                              "(no gradient reached its layers); its event is skipped", stacklevel=3)
+                pruner.last_event_step = self.global_step
+                continue
+            pruner.prune(self.global_step)
+            broadcast_masks(layer.mask for layer in pruner.layers)
+            for layer in pruner.layers:
+                layer.apply_()
+                if self.optimizer is not None:
+                    layer.mask_optimizer_state_(self.optimizer)
+
+    # --- queries ---------------------------------------------------------------------------------------------
+    def current_sparsity(self) -> float:
+        """Element sparsity over every pruned layer, as the masks say."""
+        layers = self.layers
+        return sum(l.zeros() for l in layers) / max(1, sum(l.numel for l in layers))
+
+    def report(self):
+        """The sparsity report of the model (see :func:`prunekit.sparsity_report`)."""
+        from prunekit.report import sparsity_report
+
+        return sparsity_report(self.model, self)
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, criterion scores, step counter and event history: everything needed for an exact resume."""
+        return {
+            "version": STATE_VERSION,
+            "global_step": self.global_step,
+            "config": self.config.to_dict(),
+            "pruners": [p.state_dict() for p in self.pruners],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the masks are applied to the weights at once."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pruning state version {state.get('version')!r} is not supported "
+                             f"(this prunekit reads version {STATE_VERSION})")
+        if len(state["pruners"]) != len(self.pruners):
+            raise ValueError(f"the saved pruning state has {len(state['pruners'])} pruners, "
+                             f"this config has {len(self.pruners)}")
+        for pruner, pstate in zip(self.pruners, state["pruners"]):
+            pruner.load_state_dict(pstate)
+        self.global_step = int(state["global_step"])
+        self._in_step = False
+
+    # --- optimizer hooks -------------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Pruning":
+        """Drive the callbacks from ``optimizer``'s own step hooks (no monkey-patching)."""
+        self.optimizer = optimizer
+        self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step()))
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step()))
+        return self
+
+    def detach(self, remove_masks: bool = False) -> None:
+        """Remove the optimizer hooks; with ``remove_masks`` also the mask buffers (zeros stay in weights)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if remove_masks:
+            for layer in self.layers:
+                layer.detach()
+
+
+def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimizer) -> Pruning:
+    """One call: after it, a plain PyTorch loop (forward, backward, ``optimizer.step()``) prunes ``model``.
+
+    The returned :class:`Pruning` is hooked into ``optimizer.step`` through
+    ``register_step_pre_hook`` / ``register_step_post_hook``; events due at step 0 that need no gradient run
+    now. Call ``pruning.on_train_end()`` for the final report, ``pruning.state_dict()`` to checkpoint.
+    """
+    pruning = Pruning(model, config, optimizer).attach(optimizer)
+    pruning.on_train_begin()
+    return pruning
