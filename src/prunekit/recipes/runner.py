@@ -1,0 +1,290 @@
+"""The recipe run shared by GLUE and SQuAD: validate everything, train (dense or pruning, with or without
+distillation) with the one shared loop, evaluate, and write the outputs.
+
+Order matters for "nothing overwritten": every input is checked (flags, pruning config, data, model, the pruning
+setup on the model) before anything is written to ``--output_dir``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from prunekit.recipes import outputs as out_mod
+from prunekit.recipes.common import RecipeError, check_model_source, default_data_dir, resolve_model_path, set_seed
+from prunekit.recipes.prune_config import build_pruning_config, describe
+from prunekit.recipes.steps import StepPlan, plan_steps
+from prunekit.recipes.train import (
+    DistEnv, build_optimizer, build_scheduler, setup_distributed, timed, train_dataloader, train_loop, unwrap,
+    wrap_ddp,
+)
+
+logger = logging.getLogger("prunekit.recipes")
+
+
+@dataclass
+class TaskSetup:
+    """What a task (GLUE or SQuAD) hands the shared run."""
+
+    name: str  # e.g. "glue/sst2", "squad"
+    model_class: Any  # an AutoModelFor... class
+    model_kwargs: dict
+    primary_metric: str
+    train_dataset: Any
+    train_collate: Callable
+    task_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    # distill_loss(student, teacher, batch) -> loss; teacher outputs are computed inside under no_grad
+    distill_loss: Callable[[torch.nn.Module, torch.nn.Module, dict], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module, DistEnv], dict]
+    # params without gradient under the distillation loss (GLUE hidden-state MSE leaves the head unused)
+    distill_leaves_params_unused: bool = False
+    pruning_start_offset: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _dry_plan() -> StepPlan:
+    return StepPlan(100, 1, 10.0, 10, 100, True, 10, 80, 10)
+
+
+def _check_values(args) -> None:
+    if args.target_sparsity is not None and not 0.0 <= args.target_sparsity < 1.0:
+        raise RecipeError(f"--target_sparsity: got {args.target_sparsity}; must be in [0, 1)")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, flag) < 1:
+            raise RecipeError(f"--{flag}: got {getattr(args, flag)}; must be >= 1")
+    if args.learning_rate <= 0:
+        raise RecipeError(f"--learning_rate: got {args.learning_rate}; must be > 0")
+    if args.distill_loss_weight < 0:
+        raise RecipeError(f"--distill_loss_weight: got {args.distill_loss_weight}; must be >= 0")
+    for flag in ("max_train_samples", "max_eval_samples", "max_train_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise RecipeError(f"--{flag}: got {value}; must be >= 1")
+    if args.pruning_config and not Path(args.pruning_config).expanduser().is_file():
+        raise RecipeError(f"--pruning_config: file {args.pruning_config!r} does not exist")
+    if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
+        raise RecipeError(f"--data_dir: {args.data_dir!r} is not a folder")
+    if not args.do_prune:
+        ignored = [f for f in ("target_sparsity", "pruning_pattern", "pruning_config") if getattr(args, f)]
+        if ignored:
+            logger.warning("without --do_prune this is a dense fine-tune: %s ignored",
+                           ", ".join("--" + f for f in ignored))
+
+
+def _load_model(cls, path: str, args, env: DistEnv, **kwargs):
+    try:
+        model = cls.from_pretrained(path, trust_remote_code=args.trust_remote_code, dtype=torch.float32, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"cannot load model {path!r}: {first}") from exc
+    return model.to(env.device)
+
+
+def run_recipe(args, make_task: Callable[[Any, Any, DistEnv], TaskSetup]) -> dict:
+    """Run one recipe; returns the metrics dict that is also written to ``metrics.json``."""
+    t_start = time.perf_counter()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    env = setup_distributed(args.cpu)
+    log = out_mod.RunLog(is_main=env.is_main)
+    try:
+        return _run(args, make_task, env, log, t_start)
+    finally:
+        log.close()
+        env.close()
+
+
+def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> dict:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    _check_values(args)
+    out_dir = out_mod.check_output_dir(args.output_dir, args.overwrite_output_dir)
+    if args.do_prune:
+        build_pruning_config(args, _dry_plan())  # a pattern / target / key that cannot work fails now
+    args.data_dir = args.data_dir or default_data_dir()
+    model_path = resolve_model_path(args.model_name_or_path)
+    check_model_source(model_path)
+    teacher_path = None
+    if args.distill_loss_weight > 0:
+        teacher_path = resolve_model_path(args.teacher_model_name_or_path or args.model_name_or_path)
+        check_model_source(teacher_path)
+    set_seed(args.seed)
+
+    from transformers import AutoTokenizer
+
+    tok_path = resolve_model_path(args.tokenizer_name) if args.tokenizer_name else model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, use_fast=not args.use_slow_tokenizer,
+                                                  trust_remote_code=args.trust_remote_code)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"cannot load the tokenizer of {tok_path!r}: {first}") from exc
+
+    task = make_task(args, tokenizer, env)
+    n_train = len(task.train_dataset)
+    plan_kw = dict(world_size=env.world_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                   do_prune=args.do_prune, sparsity_warm_epochs=args.sparsity_warm_epochs,
+                   cooldown_epochs=args.cooldown_epochs, pruning_frequency=args.pruning_frequency,
+                   start_offset=task.pruning_start_offset)
+    epochs = args.num_train_epochs
+    plan = plan_steps(n_train, args.per_device_train_batch_size, epochs, **plan_kw)
+    if args.max_train_steps:
+        epochs = args.max_train_steps / plan.steps_per_epoch
+        plan = plan_steps(n_train, args.per_device_train_batch_size, epochs, **plan_kw)
+    config = build_pruning_config(args, plan) if args.do_prune else None
+
+    model = _load_model(task.model_class, model_path, args, env, **task.model_kwargs)
+    teacher = None
+    if teacher_path is not None:
+        teacher = _load_model(task.model_class, teacher_path, args, env, **task.model_kwargs)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    logger.info("task %s: %d training examples (%d features), model %s, %d process(es) on %s", task.name,
+                task.info.get("train_examples", n_train), n_train, args.model_name_or_path, env.world_size,
+                env.device)
+    logger.info("steps: %d per epoch, %d in all (%.2f epochs, total batch %d)", plan.steps_per_epoch,
+                plan.total_steps, epochs, plan.total_batch_size)
+    if plan.do_prune:
+        events = (plan.end_step - plan.start_step) // plan.pruning_frequency + 1
+        logger.info("pruning: steps %d..%d every %d (%d events)", plan.start_step, plan.end_step,
+                    plan.pruning_frequency, events)
+
+    metrics: dict[str, Any] = {"task": task.name, "model": args.model_name_or_path,
+                               "mode": "prune" if args.do_prune else "dense",
+                               "distillation": None, "primary_metric": task.primary_metric}
+    eval_time = 0.0
+    dense_metrics = None
+    if args.do_prune and not args.skip_dense_eval:
+        dense_metrics, dt = timed(task.evaluate, model, env)
+        eval_time += dt
+        logger.info("dense (starting checkpoint) %s", _fmt(dense_metrics))
+
+    betas = (0.9, 0.9) if args.do_prune else (0.9, 0.999)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, betas=betas,
+                                fused=False if args.no_fused_adamw else None)
+    pruning = None
+    if config is not None:
+        import prunekit
+
+        pruning = prunekit.prepare_pruning(model, config, optimizer)
+    scheduler = build_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, plan.total_steps)
+    distill = teacher is not None
+    ddp_model = wrap_ddp(model, env, find_unused_parameters=distill and task.distill_leaves_params_unused)
+
+    if distill:
+        metrics["distillation"] = {"weight": args.distill_loss_weight,
+                                   "teacher": args.teacher_model_name_or_path or args.model_name_or_path,
+                                   **task.info.get("distillation", {})}
+
+        def compute_loss(m, batch):
+            return task.distill_loss(m, teacher, batch)
+    else:
+        compute_loss = task.task_loss
+
+    # Everything is checked: from here on the output folder is written.
+    if env.is_main:
+        out_mod.prepare_output_dir(out_dir, args.overwrite_output_dir)
+        log.attach(out_dir)
+        out_mod.write_json(out_dir / "run_args.json", {
+            "args": vars(args), "plan": plan.to_dict(),
+            "pruning_config": describe(config) if config is not None else None,
+            "versions": _versions(), "world_size": env.world_size, "device": str(env.device)})
+    env.barrier()
+
+    loader = train_dataloader(task.train_dataset, args.per_device_train_batch_size, task.train_collate, env,
+                              args.seed)
+    result = train_loop(ddp_model, loader, optimizer, compute_loss, total_steps=plan.total_steps, env=env,
+                        lr_scheduler=scheduler, pruning=pruning,
+                        gradient_accumulation_steps=args.gradient_accumulation_steps,
+                        max_grad_norm=args.max_grad_norm, progress=not args.disable_tqdm,
+                        desc="prune" if pruning is not None else "fine-tune")
+    logger.info("trained %d steps in %.1f s (%.1f samples/s)", result.global_step, result.train_time_s,
+                result.samples_per_s)
+
+    import prunekit
+
+    if pruning is not None:
+        pruning.on_train_end(print_report=False)
+    report = prunekit.sparsity_report(model, pruning)
+    if env.is_main:
+        logger.info("sparsity report\n%s", report.table())
+
+    final_metrics, dt = timed(task.evaluate, model, env)
+    eval_time += dt
+    logger.info("final %s", _fmt(final_metrics))
+    key = task.primary_metric
+    dense_for_change = dense_metrics if args.do_prune else final_metrics
+    metrics.update({
+        "dense": dense_metrics if args.do_prune else final_metrics,
+        "final": final_metrics,
+        "dense_metric": (dense_for_change or {}).get(key),
+        "final_metric": final_metrics.get(key),
+        "relative_change": out_mod.relative_change((dense_for_change or {}).get(key), final_metrics.get(key))
+        if args.do_prune else None,
+        "sparsity": {
+            "target": (config_target(config) if config is not None else 0.0),
+            "pruned_layers": getattr(report, "pruned_layers_sparsity", None),
+            "linear_conv": getattr(report, "linear_conv_sparsity", None),
+            "all_params": getattr(report, "all_params_sparsity", None),
+        },
+        "steps": plan.to_dict() | {"done": result.global_step},
+        "time": {"train_s": result.train_time_s, "eval_s": eval_time,
+                 "total_s": time.perf_counter() - t_start, "train_samples_per_s": result.samples_per_s},
+        "world_size": env.world_size,
+        "device": str(env.device),
+    })
+
+    if env.is_main:
+        out_mod.save_model(model, tokenizer, out_dir)
+        if pruning is not None:
+            torch.save(pruning.state_dict(), out_dir / "pruning_state.pt")
+        out_mod.write_json(out_dir / "sparsity_report.json", out_mod.report_dict(report))
+        out_mod.write_json(out_dir / "history.json", result.history)
+        out_mod.plot_report(out_dir / "sparsity_report.png", report, result.history,
+                            title=f"{task.name} {args.model_name_or_path}",
+                            target=metrics["sparsity"]["target"] if pruning is not None else None)
+        out_mod.write_json(out_dir / "metrics.json", metrics)
+        logger.info("wrote %s", out_dir)
+    env.barrier()
+    return metrics
+
+
+def config_target(config) -> float | None:
+    for attr in ("target_sparsity",):
+        if hasattr(config, attr):
+            return getattr(config, attr)
+    pruners = getattr(config, "pruners", None) or getattr(config, "pruning_configs", None) or []
+    for pruner in pruners:
+        value = getattr(pruner, "target_sparsity", None)
+        if value is not None:
+            return value
+    return None
+
+
+def _fmt(metrics: dict | None) -> str:
+    if not metrics:
+        return "{}"
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        pk = version("prunekit")
+    except Exception:  # noqa: BLE001
+        pk = "unknown"
+    return {"prunekit": pk, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
