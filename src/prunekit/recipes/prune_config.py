@@ -97,7 +97,7 @@ def build_pruning_config(args, plan: StepPlan):
 
 def describe(config) -> Any:
     """A JSON-able view of a config for run_args / metrics files."""
-    for attr in ("model_dump", "to_dict", "dict"):
+    for attr in ("to_dict", "model_dump", "dict"):
         fn = getattr(config, attr, None)
         if callable(fn):
             try:

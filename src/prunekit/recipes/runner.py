@@ -71,6 +71,11 @@ def _check_values(args) -> None:
         raise RecipeError(f"--pruning_config: file {args.pruning_config!r} does not exist")
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
         raise RecipeError(f"--data_dir: {args.data_dir!r} is not a folder")
+    if args.do_prune and not args.max_train_steps and \
+            args.sparsity_warm_epochs + args.cooldown_epochs > args.num_train_epochs:
+        raise RecipeError(f"--sparsity_warm_epochs ({args.sparsity_warm_epochs}) + --cooldown_epochs "
+                          f"({args.cooldown_epochs}) exceed --num_train_epochs ({args.num_train_epochs}): pruning "
+                          "would end before it starts")
     if not args.do_prune:
         ignored = [f for f in ("target_sparsity", "pruning_pattern", "pruning_config") if getattr(args, f)]
         if ignored:
