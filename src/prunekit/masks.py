@@ -8,8 +8,6 @@ and applied by broadcasting over a view, so block patterns never materialise a f
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -75,14 +73,6 @@ class PrunedLayer:
         return self.bound.pruned_units(self.mask) * self.bound.unit_zeros
 
     # --- scoring ---------------------------------------------------------------------------------------------
-    def score_from(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                   needs_grad: bool) -> torch.Tensor | None:
-        """``fn(weight, grad)`` element-wise, reduced to this layer's score granularity (None: no gradient)."""
-        grad = self.weight.grad
-        if needs_grad and grad is None:
-            return None
-        return self.bound.reduce_scores(fn(self.weight.detach(), grad))
-
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return self.bound.unit_scores(scores)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +35,7 @@ class Event:
     step: int
     target: float
     sparsity: float
+    seconds: float = 0.0
 
 
 class Pruner:
@@ -87,6 +89,7 @@ class Pruner:
     @torch.no_grad()
     def prune(self, step: int) -> Event:
         """Run the event scheduled at ``step``: new masks, applied to the weights."""
+        began = time.perf_counter()
         index = self.schedule.event_index(step)
         if index is None:
             raise RuntimeError(f"{self.name}: no pruning event is scheduled at step {step}")
@@ -104,7 +107,7 @@ class Pruner:
             target = self.initial_sparsity
         for layer in self.layers:
             layer.apply_()
-        event = Event(step, target, self.current_sparsity())
+        event = Event(step, target, self.current_sparsity(), time.perf_counter() - began)
         self.history.append(event)
         logger.info("%s step %d: target %.4f, sparsity %.4f", self.name, step, target, event.sparsity)
         return event
@@ -149,7 +152,7 @@ class Pruner:
             "criterion": self.criterion.state_dict(),
             "last_event_step": self.last_event_step,
             "initial_sparsity": self.initial_sparsity,
-            "history": [(e.step, e.target, e.sparsity) for e in self.history],
+            "history": [(e.step, e.target, e.sparsity, e.seconds) for e in self.history],
         }
 
     @torch.no_grad()

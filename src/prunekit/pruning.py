@@ -29,6 +29,13 @@ logger = logging.getLogger("prunekit")
 
 STATE_VERSION = 1
 
+#: optimizers whose update of a weight is exactly zero when the weight, its gradient and its state are zero
+#: (decoupled or coupled decay of 0 is 0; Adam-style m/(sqrt(v)+eps) with m = 0 is 0). With gradients masked and
+#: state zeroed at every event, their pruned weights stay zero by construction, so the per-step re-mask after
+#: ``optimizer.step()`` is skipped. Any other optimizer (or none known) is re-masked every step.
+_ZERO_PRESERVING = tuple(getattr(torch.optim, n) for n in
+                         ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adamax"))
+
 
 class Pruning:
     """Prunes ``model`` as ``config`` says, driven by training-loop callbacks or the optimizer's step hooks.
@@ -88,7 +95,8 @@ class Pruning:
             self.on_after_optimizer_step()
         with torch.no_grad():
             for pruner in self.pruners:
-                if pruner.criterion.needs_grad:
+                # scores are only read at events: stop paying for them once the last event is done
+                if pruner.criterion.needs_grad and self.global_step <= pruner.schedule.final_step:
                     pruner.criterion.accumulate(pruner.layers)
             self._run_due_events(need_ready=False)
             for layer in self.layers:
@@ -97,9 +105,10 @@ class Pruning:
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Zero pruned weights again, advance the step counter, run events due at the next step's start."""
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.apply_()
+        if type(self.optimizer) not in _ZERO_PRESERVING:
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.apply_()
         self.global_step += 1
         self._in_step = False
         self._run_due_events(need_ready=True)

@@ -1,7 +1,7 @@
 """Choosing which units to prune: exact lowest-k selection, per layer or across layers, in bounded memory.
 
 Global ranking never concatenates scores. Scores are mapped to order-preserving 32-bit integer keys and the
-k-th smallest is found by a three-pass radix select (12 + 12 + 8 bits), each pass a per-layer histogram over
+k-th smallest is found by a three-pass radix select (11 + 11 + 10 bits), each pass a per-layer histogram over
 chunks. Per-layer floors and caps (min/max sparsity per op) are honoured inside the same search: it finds the
 smallest key τ such that Σ_l clamp(#{scores_l ≤ τ}, lo_l, hi_l) ≥ k (water-filling), so no re-balancing loop is
 needed. Ties are broken deterministically: layer order, then index order.
@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-CHUNK = 1 << 22
-_PASSES = (12, 12, 8)
+CHUNK = 1 << 24
+_PASSES = (11, 11, 10)
 
 #: returns the flat unit scores of one layer (may compute them on demand, e.g. |W| for magnitude)
 ScoreSource = Callable[[], torch.Tensor]
@@ -34,51 +34,75 @@ class Quota:
 
 
 def _keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
-    """Float scores → int64 keys in [0, 2^32) with the same order (−0.0 and +0.0 equal)."""
-    x = scores.reshape(-1).float() + 0.0
-    if torch.isnan(x).any():
+    """Float scores → int32 keys with the same order (signed comparison).
+
+    Non-negative floats already compare like their bit patterns, so the common case (|W|, |W·G|) is a free view;
+    negative scores get their magnitude bits flipped.
+    """
+    x = scores.reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.numel() == 0:
+        return x.view(torch.int32)
+    if torch.isnan(x.max()):
         raise ValueError(f"scores of layer {name!r} contain NaN: training diverged or a gradient is not finite")
-    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
+    bits = x.view(torch.int32)
+    if bits.min() < 0:  # a sign bit is set (negative scores or -0.0): flip magnitudes, make -0.0 equal +0.0
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        bits = bits.masked_fill(bits == -1, 0)
+    return bits
 
 
-def _chunks(source: ScoreSource, name: str):
-    flat = source().reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        yield _keys(flat[start:start + CHUNK], name)
+class _Keys:
+    """The keys of one layer, chunked; held once per event when small, recomputed per pass when large."""
+
+    def __init__(self, source: ScoreSource, name: str, hold: bool) -> None:
+        self.source, self.name = source, name
+        self.held = _keys(source(), name) if hold else None
+
+    def chunks(self):
+        keys = self.held if self.held is not None else None
+        if keys is not None:
+            yield keys
+            return
+        flat = self.source().reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            yield _keys(flat[start:start + CHUNK], self.name)
 
 
-def _radix_select(sources: Sequence[ScoreSource], quotas: Sequence[Quota], k: int,
-                  names: Sequence[str]) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Smallest key τ with Σ clamp(count_l(≤τ), lo, hi) ≥ k. Returns τ, count(<τ) and count(≤τ) per layer."""
     lo = torch.tensor([q.lo for q in quotas], dtype=torch.int64)
     hi = torch.tensor([q.cap for q in quotas], dtype=torch.int64)
-    below = torch.zeros(len(sources), dtype=torch.int64)
+    below = torch.zeros(len(layers), dtype=torch.int64)
     prefix, done = 0, 0
     for width in _PASSES:
         shift = 32 - done - width
-        hist = torch.zeros(len(sources), 1 << width, dtype=torch.int64)
-        for i, (source, name) in enumerate(zip(sources, names)):
-            for keys in _chunks(source, name):
+        bins = 1 << width
+        hist = torch.zeros(len(layers), bins, dtype=torch.int64)
+        for i, layer in enumerate(layers):
+            for keys in layer.chunks():
                 if done:
                     keys = keys[(keys >> (32 - done)) == prefix]
-                hist[i] += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width)
+                    digits = (keys >> shift) & (bins - 1)
+                else:  # the top digit is signed: shift it into [0, bins)
+                    digits = (keys >> shift) + (bins >> 1)
+                hist[i] += torch.bincount(digits, minlength=bins)
         cum = below[:, None] + hist.cumsum(dim=1)
         filled = torch.minimum(torch.maximum(cum, lo[:, None]), hi[:, None]).sum(dim=0)
-        digit = int(torch.searchsorted(filled, torch.tensor([k], dtype=torch.int64)).item())
-        digit = min(digit, (1 << width) - 1)
+        digit = min(int(torch.searchsorted(filled, torch.tensor([k], dtype=torch.int64)).item()), bins - 1)
         if digit:
             below = below + hist[:, :digit].sum(dim=1)
         last = hist[:, digit]
-        prefix = (prefix << width) | digit
+        prefix = (digit - (bins >> 1)) if not done else (prefix << width) | digit
         done += width
     return prefix, below, below + last
 
 
-def _mask_below(source: ScoreSource, name: str, tau: int, ties: int) -> torch.Tensor:
+def _mask_below(layer: _Keys, tau: int, ties: int) -> torch.Tensor:
     """Flat bool: keys < τ, plus the first ``ties`` keys equal to τ in index order."""
     parts, taken = [], 0
-    for keys in _chunks(source, name):
+    for keys in layer.chunks():
         part = keys < tau
         if ties > taken:
             eq = keys == tau
@@ -89,40 +113,47 @@ def _mask_below(source: ScoreSource, name: str, tau: int, ties: int) -> torch.Te
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def lowest(source: ScoreSource, k: int, n: int, name: str = "") -> torch.Tensor:
-    """Flat bool with exactly ``k`` True at the lowest scores (ties: lower index first)."""
+def _lowest(layer: _Keys, k: int, n: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool)
     if k >= n:
         return torch.ones(n, dtype=torch.bool)
-    tau, lt, _ = _radix_select([source], [Quota(n)], k, [name])
-    return _mask_below(source, name, tau, k - int(lt[0]))
+    tau, lt, _ = _radix_select([layer], [Quota(n)], k)
+    return _mask_below(layer, tau, k - int(lt[0]))
+
+
+def lowest(source: ScoreSource, k: int, n: int, name: str = "", hold: bool = True) -> torch.Tensor:
+    """Flat bool with exactly ``k`` True at the lowest scores (ties: lower index first)."""
+    return _lowest(_Keys(source, name, hold), k, n)
 
 
 def allocate(sources: Sequence[ScoreSource], quotas: Sequence[Quota], k: int,
-             names: Sequence[str] | None = None) -> list[torch.Tensor]:
+             names: Sequence[str] | None = None, hold: bool = True) -> list[torch.Tensor]:
     """Prune ``k`` units in total across layers, lowest scores first, each layer within [lo, hi].
 
     Returns one flat bool tensor per layer (True = pruned). When the caps make ``k`` unreachable the caps win
-    (the caller reports the shortfall); when the floors exceed ``k`` the floors win.
+    (the caller reports the shortfall); when the floors exceed ``k`` the floors win. ``hold`` keeps each layer's
+    keys for the whole call (4 bytes a unit, fastest); without it they are recomputed per pass, chunk by chunk,
+    so the extra memory is bounded by one chunk whatever the model size.
     """
     names = list(names) if names is not None else [str(i) for i in range(len(sources))]
     lo_total = sum(q.lo for q in quotas)
     hi_total = sum(q.cap for q in quotas)
     if k <= lo_total or k >= hi_total:
         counts = [q.lo if k <= lo_total else q.cap for q in quotas]
-        return [lowest(s, c, q.n, nm) for s, c, q, nm in zip(sources, counts, quotas, names)]
-    tau, lt, le = _radix_select(sources, quotas, k, names)
+        return [lowest(s, c, q.n, nm, hold) for s, c, q, nm in zip(sources, counts, quotas, names)]
+    layers = [_Keys(s, nm, hold) for s, nm in zip(sources, names)]
+    tau, lt, le = _radix_select(layers, quotas, k)
     base = [min(max(int(a), q.lo), q.cap) for a, q in zip(lt, quotas)]
     upper = [min(max(int(b), q.lo), q.cap) for b, q in zip(le, quotas)]
     remaining = k - sum(base)
     masks = []
-    for source, q, name, b, u, a, c in zip(sources, quotas, names, base, upper, lt, le):
+    for layer, q, b, u, a, c in zip(layers, quotas, base, upper, lt, le):
         take = min(remaining, u - b)
         remaining -= take
         count = b + take
         if int(a) <= count <= int(c):  # the global threshold decides this layer: no second search
-            masks.append(_mask_below(source, name, tau, count - int(a)))
+            masks.append(_mask_below(layer, tau, count - int(a)))
         else:  # held at its floor or cap: its own lowest-count units
-            masks.append(lowest(source, count, q.n, name))
+            masks.append(_lowest(layer, count, q.n))
     return masks

@@ -19,23 +19,23 @@ class Magnitude(Criterion):
 
     @torch.no_grad()
     def layer_scores(self, layer) -> torch.Tensor:
-        return layer.score_from(lambda w, g: w.abs(), needs_grad=False).float()
+        return layer.bound.reduce_abs(layer.weight.detach().float().clone()).float()
 
 
 @CRITERIA.register("gradient")
 class Gradient(GradientCriterion):
     """|G| of the latest optimizer step."""
 
-    def step_term(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return grad.abs()
+    def step_term(self, weight: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(grad)
 
 
 @CRITERIA.register("snip")
 class Snip(GradientCriterion):
     """|W·G| of the latest optimizer step (Lee et al., 2019)."""
 
-    def step_term(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return (weight * grad).abs_()
+    def step_term(self, weight: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mul(weight, grad, out=out)
 
 
 @CRITERIA.register("snip_momentum")

@@ -57,19 +57,32 @@ class GradientCriterion(Criterion):
     def ready(self) -> bool:
         return bool(self.scores)
 
+    def __init__(self, low_memory_usage: bool = False) -> None:
+        super().__init__(low_memory_usage)
+        self._scratch = torch.empty(0)
+
     @abstractmethod
-    def step_term(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Element-wise importance of this step (a fresh tensor, safe to modify)."""
+    def step_term(self, weight: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Signed element-wise importance of this step, written into ``out``; its absolute value is scored."""
+
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        # one reusable buffer: a fresh layer-sized allocation every step costs page faults on CPU
+        if self._scratch.numel() < like.numel() or self._scratch.device != like.device:
+            self._scratch = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return self._scratch[: like.numel()].view(like.shape)
 
     @torch.no_grad()
     def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
         for layer in layers:
-            term = layer.score_from(self.step_term, needs_grad=True)
-            if term is None:  # no gradient reached this layer in this step
+            grad = layer.weight.grad
+            if grad is None:  # no gradient reached this layer in this step
                 continue
+            weight = layer.weight.detach()
+            buf = self._buffer(weight) if weight.dtype == torch.float32 else torch.empty_like(weight)
+            term = layer.bound.reduce_abs(self.step_term(weight, grad, buf))
             old = self.scores.get(layer.name)
             if old is None or self.momentum == 0.0:
-                self.scores[layer.name] = term.to(self.score_dtype)
+                self.scores[layer.name] = term.to(self.score_dtype, copy=True)
             else:
                 old.mul_(self.momentum).add_(term)
 

@@ -1,0 +1,97 @@
+"""Training-step overhead of pruning: pruned vs plain steps, interleaved, one thread.
+
+BERT-mini shape (4 layers, hidden 256, 4 heads, intermediate 1024) BertForSequenceClassification, batch 16 x 128
+tokens, 60 AdamW steps, pruning every 10 steps from 0 to 50, snip_momentum, global scope; patterns 1x1 @ 0.9,
+4x1 @ 0.9, 2:4 @ 0.5. Prints JSON: per pattern the mean and median step-time ratio pruned/plain and the mean and
+max time of one mask update (pruning event). Targets: mean ratio <= 1.01, one mask update <= 0.05 s.
+
+    python bench/overhead.py [--steps 60] [--patterns 1x1,4x1,2:4]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import prunekit
+
+TARGETS = {"1x1": 0.9, "4x1": 0.9, "2:4": 0.5}
+
+
+def build_model(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def run(pattern: str, steps: int, batch: int, seq: int) -> dict:
+    plain = build_model()
+    pruned = copy.deepcopy(plain)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)
+    opt_pruned = torch.optim.AdamW(pruned.parameters(), lr=1e-4, fused=True)
+    config = {"target_sparsity": TARGETS[pattern], "pattern": pattern, "pruning_type": "snip_momentum",
+              "pruning_scope": "global", "start_step": 0, "end_step": 50, "pruning_frequency": 10,
+              "excluded_op_names": ["pooler", "classifier"], "pruning_op_types": ["Linear"]}
+    pruning = prunekit.prepare_pruning(pruned, config, opt_pruned)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 30522, (batch, seq), generator=gen), torch.randint(0, 2, (batch,), generator=gen))
+            for _ in range(4)]
+    times = {"plain": [], "pruned": []}
+
+    def step(model, opt, ids, labels):
+        began = time.perf_counter()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
+
+    for i in range(steps + 2):  # two warm-up steps each, not timed
+        ids, labels = data[i % len(data)]
+        order = [("plain", plain, opt_plain), ("pruned", pruned, opt_pruned)]
+        if i % 2:
+            order.reverse()  # alternate who goes first, so drift hits both equally
+        for name, model, opt in order:
+            elapsed = step(model, opt, ids, labels)
+            if i >= 2:
+                times[name].append(elapsed)
+    events = [e.seconds for e in pruning.pruners[0].history if e.target > 0]
+    ratios = [p / q for p, q in zip(times["pruned"], times["plain"])]
+    return {
+        "pattern": pattern,
+        "target": TARGETS[pattern],
+        "final_sparsity": round(pruning.current_sparsity(), 4),
+        "plain_mean_s": statistics.mean(times["plain"]),
+        "pruned_mean_s": statistics.mean(times["pruned"]),
+        "mean_ratio": statistics.mean(times["pruned"]) / statistics.mean(times["plain"]),
+        "median_ratio": statistics.median(ratios),
+        "mask_update_mean_s": statistics.mean(events) if events else None,
+        "mask_update_max_s": max(events) if events else None,
+        "events": len(events),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--patterns", default="1x1,4x1,2:4")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [run(p, args.steps, args.batch, args.seq) for p in args.patterns.split(",")]
+    print(json.dumps({"bench": "overhead", "torch": torch.__version__, "threads": args.threads,
+                      "machine": platform.processor() or platform.machine(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
