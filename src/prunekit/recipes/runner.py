@@ -224,6 +224,7 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     if env.is_main:
         logger.info("sparsity report\n%s", report.table())
 
+    in_sync = _ranks_in_sync(model, env)
     final_metrics, dt = timed(task.evaluate, model, env)
     eval_time += dt
     logger.info("final %s", _fmt(final_metrics))
@@ -248,6 +249,8 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
         "world_size": env.world_size,
         "device": str(env.device),
     })
+    if in_sync is not None:
+        metrics["ddp_ranks_in_sync"] = in_sync
 
     if env.is_main:
         out_mod.save_model(model, tokenizer, out_dir)
@@ -262,6 +265,23 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
         logger.info("wrote %s", out_dir)
     env.barrier()
     return metrics
+
+
+def _ranks_in_sync(model, env: DistEnv) -> bool | None:
+    """Under DDP: whether every process ends with the same weights (zeros included); None on one process."""
+    if not env.distributed:
+        return None
+    with torch.no_grad():
+        total = torch.zeros(2, dtype=torch.float64, device=env.device)
+        for p in unwrap(model).parameters():
+            total[0] += p.double().sum()
+            total[1] += (p == 0).sum()
+    gathered = [torch.zeros_like(total) for _ in range(env.world_size)]
+    torch.distributed.all_gather(gathered, total)
+    ok = all(torch.allclose(g, gathered[0], rtol=1e-9, atol=1e-6) for g in gathered)
+    if not ok:
+        logger.warning("processes ended with different weights: %s", [g.tolist() for g in gathered])
+    return ok
 
 
 def config_target(config) -> float | None:

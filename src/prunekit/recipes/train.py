@@ -51,18 +51,34 @@ class DistEnv:
             self.initialized_here = False
 
 
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
 def setup_distributed(use_cpu: bool = False) -> DistEnv:
-    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the process group the launcher describes in the environment, if any.
+
+    ``torchrun`` and ``accelerate launch --multi_gpu`` set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; an MPI
+    launch (``accelerate launch --cpu --mpirun_hostfile ...``, ``mpirun``) sets the Open MPI / PMI variables,
+    which are read as well. NCCL on GPUs, gloo on CPUs.
+    """
+    world = _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
+    rank = _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", default=0)
+    local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", default=0)
+    use_cpu = use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
     cuda = torch.cuda.is_available() and not use_cpu
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     env = DistEnv(rank, world, local_rank, device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
         env.initialized_here = True
     return env
 
