@@ -56,23 +56,29 @@ def _layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def read_record(model: nn.Module) -> dict[str, Any] | None:
+    """The slimming record of ``model`` (from its config, else from the model itself), if it was slimmed."""
+    config = getattr(model, "config", None)
+    return getattr(config if config is not None else model, ENTRY, None)
+
+
 def update_config(model: nn.Module, ffn: list[tuple[FFNGroup, FFNGroup]],
-                  attention: list[tuple[AttentionGroup, AttentionGroup, list[int] | None]]) -> dict[str, Any] | None:
-    """Record the shapes of every group in ``model.config``; a no-op for models without a config.
+                  attention: list[tuple[AttentionGroup, AttentionGroup, list[int] | None]]) -> dict[str, Any]:
+    """Record the shapes of every group in ``model.config`` (scalar fields where every layer agrees).
 
     ``ffn`` holds (before, after) pairs; ``attention`` holds (before, after, kept) where ``kept`` lists the
     indices, among the heads before this slim, of the heads kept (None: untouched). Slimming twice composes:
-    the entry always refers to the model as it was before its first slim. Returns the entry.
+    the entry always refers to the model as it was before its first slim. A model without a config gets the
+    entry as its own ``prunekit_slimming`` attribute. Returns the entry.
     """
     config = getattr(model, "config", None)
-    if config is None:
-        return None
+    holder = config if config is not None else model
     fields = fields_for(config)
-    previous = getattr(config, ENTRY, None) or {}
+    previous = read_record(model) or {}
     original = dict(previous.get("original", {}))
-    ffn_field = _ffn_field(config, fields)
+    ffn_field = _ffn_field(config, fields) if config is not None else None
     for name in (ffn_field, fields.heads, fields.kv_heads, "head_dim"):
-        if name and hasattr(config, name):
+        if config is not None and name and hasattr(config, name):
             original.setdefault(name, getattr(config, name))
 
     prior_ffn = {f["consumer"]: f for f in previous.get("ffn", [])}
@@ -94,6 +100,10 @@ def update_config(model: nn.Module, ffn: list[tuple[FFNGroup, FFNGroup]],
         entry["kept_heads"] = [base[h] for h in kept] if kept is not None else base
         attention_entries.append(entry)
 
+    record = {"format": FORMAT, "original": original, "ffn": ffn_entries, "attention": attention_entries}
+    setattr(holder, ENTRY, record)
+    if config is None:
+        return record
     widths = {after.width for _, after in ffn}
     if ffn_field is not None and len(widths) == 1:
         setattr(config, ffn_field, widths.pop())
@@ -106,8 +116,6 @@ def update_config(model: nn.Module, ffn: list[tuple[FFNGroup, FFNGroup]],
         if fields.honours_head_dim:
             config.head_dim = head_dim
     _update_pruned_heads(config, attention_entries)
-    record = {"format": FORMAT, "original": original, "ffn": ffn_entries, "attention": attention_entries}
-    setattr(config, ENTRY, record)
     return record
 
 
