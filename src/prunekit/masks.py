@@ -14,6 +14,25 @@ from torch import nn
 from prunekit.patterns.base import BoundPattern
 
 MASK_SUFFIX = "_prune_mask"
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor → uint8, 8 mask entries a byte (flat, zero-padded)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    bits = (packed.unsqueeze(1) & _BITS.to(packed.device)) != 0
+    return bits.reshape(-1)[:numel].view(shape)
 _PATTERN_ATTR = "_prunekit_patterns"  # module attribute: {param_name: pattern spec}, for reports
 
 
@@ -30,12 +49,16 @@ class PrunedLayer:
     """One weight under one pattern: its mask, and the operations the engine performs on it."""
 
     def __init__(self, name: str, module: nn.Module, bound: BoundPattern, spec: str,
-                 param_name: str = "weight") -> None:
+                 param_name: str = "weight", packed: bool = False) -> None:
         self.name, self.module, self.bound, self.param_name = name, module, bound, param_name
         self.buffer = mask_buffer_name(param_name)
+        # element-wise masks (1x1, N:M) may be bit-packed: 1 bit a weight instead of 8, unpacked per use
+        self.packed = packed and bound.elementwise_mask
+        initial = bound.full_mask()
+        stored = pack_bits(initial) if self.packed else initial
         existing = getattr(module, self.buffer, None)
-        if not isinstance(existing, torch.Tensor) or tuple(existing.shape) != bound.mask_shape:
-            module.register_buffer(self.buffer, bound.full_mask().to(self.weight.device), persistent=False)
+        if not isinstance(existing, torch.Tensor) or existing.shape != stored.shape or existing.dtype != stored.dtype:
+            module.register_buffer(self.buffer, stored.to(self.weight.device), persistent=False)
         patterns = dict(getattr(module, _PATTERN_ATTR, {}))
         patterns[param_name] = spec
         setattr(module, _PATTERN_ATTR, patterns)
@@ -51,10 +74,13 @@ class PrunedLayer:
 
     @property
     def mask(self) -> torch.Tensor:
-        return getattr(self.module, self.buffer)
+        """The keep-mask (bool, ``bound.mask_shape``)."""
+        stored = getattr(self.module, self.buffer)
+        return unpack_bits(stored, self.bound.mask_shape) if self.packed else stored
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        self.mask.copy_(mask.reshape(self.bound.mask_shape))
+        mask = mask.reshape(self.bound.mask_shape)
+        getattr(self.module, self.buffer).copy_(pack_bits(mask) if self.packed else mask)
 
     @property
     def num_units(self) -> int:

@@ -25,7 +25,7 @@ logger = logging.getLogger("prunekit")
 
 #: below this many units in total, unit scores are computed once per event and held; above it they are
 #: recomputed on demand in each ranking pass, so memory stays bounded for very large models
-MATERIALIZE_UNITS = 1 << 26
+MATERIALIZE_UNITS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class Pruner:
                 warnings.warn(f"prunekit: {cand.name} left dense under pattern {cfg.pattern}: {bound}",
                               stacklevel=3)
                 continue
-            layers.append(PrunedLayer(cand.name, cand.module, bound, self.pattern.spec))
+            layers.append(PrunedLayer(cand.name, cand.module, bound, self.pattern.spec,
+                                      packed=cfg.low_memory_usage))
         if not layers:
             raise SelectionError(f"{self.name}: every selected layer was left dense: {skipped}")
         return layers, skipped
@@ -112,9 +113,12 @@ class Pruner:
         logger.info("%s step %d: target %.4f, sparsity %.4f", self.name, step, target, event.sparsity)
         return event
 
+    def _hold(self) -> bool:
+        return sum(l.num_units for l in self.layers) <= MATERIALIZE_UNITS
+
     def _sources(self) -> list[Callable[[], torch.Tensor]]:
         crit = self.criterion
-        if sum(l.num_units for l in self.layers) <= MATERIALIZE_UNITS:
+        if self._hold():
             held = [l.unit_scores(crit.layer_scores(l)) for l in self.layers]
             return [lambda t=t: t for t in held]
         return [lambda l=l: l.unit_scores(crit.layer_scores(l)) for l in self.layers]
@@ -125,24 +129,26 @@ class Pruner:
         lo_ratio = min(to_units(cfg.min_sparsity_ratio_per_op), unit_target)
         hi_ratio = to_units(cfg.max_sparsity_ratio_per_op)
         sources = self._sources()
+        hold = self._hold()
         names = [l.name for l in self.layers]
         if cfg.pruning_scope == "local":
             ratio = min(max(unit_target, lo_ratio), hi_ratio)
-            pruned = [lowest(s, round(ratio * l.num_units), l.num_units, l.name)
+            pruned = [lambda s=s, l=l: lowest(s, round(ratio * l.num_units), l.num_units, l.name, hold)
                       for s, l in zip(sources, self.layers)]
         else:
             quotas = [Quota(l.num_units, round(lo_ratio * l.num_units), round(hi_ratio * l.num_units))
                       for l in self.layers]
             k = round(unit_target * sum(q.n for q in quotas))
-            pruned = allocate(sources, quotas, k, names)
-            if sum(int(p.sum()) for p in pruned) < k:
+            selections = allocate(sources, quotas, k, names, hold)
+            pruned = [sel.mask for sel in selections]
+            if sum(sel.count for sel in selections) < k:
                 warnings.warn(f"prunekit: {self.name} cannot reach unit sparsity {unit_target:.4f}: "
                               f"max_sparsity_ratio_per_op={cfg.max_sparsity_ratio_per_op} caps every layer",
                               stacklevel=3)
-        for layer, units in zip(self.layers, pruned):
+        for i, layer in enumerate(self.layers):
             # N:M chooses *which* N of each group from element scores; block masks need no scores
             scores = self.criterion.layer_scores(layer) if layer.bound.needs_scores_for_mask else None
-            layer.set_pruned_units(units, scores)
+            layer.set_pruned_units(pruned[i](), scores)  # one layer's selection in memory at a time
 
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -122,38 +122,51 @@ def _lowest(layer: _Keys, k: int, n: int) -> torch.Tensor:
     return _mask_below(layer, tau, k - int(lt[0]))
 
 
+class Selection:
+    """The pruned units of one layer, computed on demand so only one layer's bool tensor exists at a time."""
+
+    def __init__(self, keys: _Keys, n: int, count: int, tau: int | None = None, ties: int = 0) -> None:
+        self.keys, self.n, self.count, self.tau, self.ties = keys, n, count, tau, ties
+
+    def mask(self) -> torch.Tensor:
+        """Flat bool, True = pruned; exactly ``count`` True."""
+        if self.tau is not None:
+            return _mask_below(self.keys, self.tau, self.ties)
+        return _lowest(self.keys, self.count, self.n)
+
+
 def lowest(source: ScoreSource, k: int, n: int, name: str = "", hold: bool = True) -> torch.Tensor:
     """Flat bool with exactly ``k`` True at the lowest scores (ties: lower index first)."""
     return _lowest(_Keys(source, name, hold), k, n)
 
 
 def allocate(sources: Sequence[ScoreSource], quotas: Sequence[Quota], k: int,
-             names: Sequence[str] | None = None, hold: bool = True) -> list[torch.Tensor]:
+             names: Sequence[str] | None = None, hold: bool = True) -> list[Selection]:
     """Prune ``k`` units in total across layers, lowest scores first, each layer within [lo, hi].
 
-    Returns one flat bool tensor per layer (True = pruned). When the caps make ``k`` unreachable the caps win
-    (the caller reports the shortfall); when the floors exceed ``k`` the floors win. ``hold`` keeps each layer's
-    keys for the whole call (4 bytes a unit, fastest); without it they are recomputed per pass, chunk by chunk,
-    so the extra memory is bounded by one chunk whatever the model size.
+    Returns one :class:`Selection` per layer (``.count`` units, ``.mask()`` → flat bool, True = pruned). When
+    the caps make ``k`` unreachable the caps win (the caller reports the shortfall); when the floors exceed
+    ``k`` the floors win. ``hold`` keeps each layer's keys for the whole call (4 bytes a unit, fastest);
+    without it they are recomputed per pass, chunk by chunk, so the extra memory is bounded by one layer.
     """
     names = list(names) if names is not None else [str(i) for i in range(len(sources))]
+    layers = [_Keys(s, nm, hold) for s, nm in zip(sources, names)]
     lo_total = sum(q.lo for q in quotas)
     hi_total = sum(q.cap for q in quotas)
     if k <= lo_total or k >= hi_total:
         counts = [q.lo if k <= lo_total else q.cap for q in quotas]
-        return [lowest(s, c, q.n, nm, hold) for s, c, q, nm in zip(sources, counts, quotas, names)]
-    layers = [_Keys(s, nm, hold) for s, nm in zip(sources, names)]
+        return [Selection(layer, q.n, c) for layer, q, c in zip(layers, quotas, counts)]
     tau, lt, le = _radix_select(layers, quotas, k)
     base = [min(max(int(a), q.lo), q.cap) for a, q in zip(lt, quotas)]
     upper = [min(max(int(b), q.lo), q.cap) for b, q in zip(le, quotas)]
     remaining = k - sum(base)
-    masks = []
+    selections = []
     for layer, q, b, u, a, c in zip(layers, quotas, base, upper, lt, le):
         take = min(remaining, u - b)
         remaining -= take
         count = b + take
         if int(a) <= count <= int(c):  # the global threshold decides this layer: no second search
-            masks.append(_mask_below(layer, tau, count - int(a)))
+            selections.append(Selection(layer, q.n, count, tau, count - int(a)))
         else:  # held at its floor or cap: its own lowest-count units
-            masks.append(_lowest(layer, count, q.n))
-    return masks
+            selections.append(Selection(layer, q.n, count))
+    return selections

@@ -49,6 +49,8 @@ class BoundPattern(ABC):
     score_shape: tuple[int, ...]
     #: whether mask_from_pruned_units needs the stored scores (N:M picks which N of each group)
     needs_scores_for_mask: bool = False
+    #: whether the mask has one entry per weight element (1x1, N:M), so bit-packing it pays
+    elementwise_mask: bool = False
 
     def __init__(self, shape: Sequence[int], layout: WeightLayout, reduce: str) -> None:
         self.shape = tuple(int(s) for s in shape)

@@ -41,6 +41,7 @@ class BlockBound(BoundPattern):
         self.score_shape = self.mask_shape
         self.unit_zeros = unit_zeros
         self.num_units = self.numel // unit_zeros
+        self.elementwise_mask = unit_zeros == 1
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """Split the out and in axes into (blocks, block size); always a view, whatever the memory format."""

@@ -18,6 +18,7 @@ class NMBound(BoundPattern):
         self.group_dim = layout.in_axis + 1  # the within-group axis once `in` is split into (groups, M)
         self.mask_shape = self.score_shape = self.shape
         self.needs_scores_for_mask = True
+        self.elementwise_mask = True
         self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.unit_zeros = n
         self.num_units = self.numel // m
