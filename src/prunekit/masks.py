@@ -8,6 +8,8 @@ and applied by broadcasting over a view, so block patterns never materialise a f
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -99,6 +101,18 @@ class PrunedLayer:
         return self.bound.pruned_units(self.mask) * self.bound.unit_zeros
 
     # --- scoring ---------------------------------------------------------------------------------------------
+    def reduced_scores(self, term: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
+                       buffer: Callable[[torch.Tensor], torch.Tensor], needs_grad: bool) -> torch.Tensor | None:
+        """``|term(weight, grad, out)|`` reduced to this layer's score granularity (None: no gradient).
+
+        ``buffer(like)`` supplies the float32 ``out`` tensor the term is written into.
+        """
+        weight = self.weight.detach()
+        grad = self.weight.grad
+        if needs_grad and grad is None:
+            return None
+        return self.bound.reduce_abs(term(weight, grad, buffer(weight)))
+
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return self.bound.unit_scores(scores)
 

@@ -14,6 +14,7 @@ from prunekit.criteria import CRITERIA
 from prunekit.errors import SelectionError
 from prunekit.masks import PrunedLayer
 from prunekit.patterns import parse_pattern
+from prunekit.patterns.heads import HeadPattern, head_layers
 from prunekit.ranking import Quota, allocate, lowest
 from prunekit.schedules import Schedule
 from prunekit.selection import select
@@ -53,8 +54,10 @@ class Pruner:
         self.last_event_step: int | None = None
         self.history: list[Event] = []
 
-    def _bind_layers(self, model: nn.Module) -> tuple[list[PrunedLayer], list[tuple[str, str]]]:
+    def _bind_layers(self, model: nn.Module) -> tuple[list, list[tuple[str, str]]]:
         cfg = self.config
+        if isinstance(self.pattern, HeadPattern):
+            return head_layers(model, cfg.op_names, cfg.excluded_op_names, cfg.criterion_reduce_type), []
         chosen = select(model, cfg.op_names, cfg.excluded_op_names, cfg.pruning_op_types)
         layers, skipped = [], []
         for cand in chosen:
@@ -131,13 +134,15 @@ class Pruner:
         sources = self._sources()
         hold = self._hold()
         names = [l.name for l in self.layers]
+        def cap(layer) -> int:  # head layers keep at least one unit
+            return min(round(hi_ratio * layer.num_units), layer.num_units - getattr(layer, "min_keep_units", 0))
+
         if cfg.pruning_scope == "local":
-            ratio = min(max(unit_target, lo_ratio), hi_ratio)
-            pruned = [lambda s=s, l=l: lowest(s, round(ratio * l.num_units), l.num_units, l.name, hold)
+            ratio = max(unit_target, lo_ratio)
+            pruned = [lambda s=s, l=l: lowest(s, min(round(ratio * l.num_units), cap(l)), l.num_units, l.name, hold)
                       for s, l in zip(sources, self.layers)]
         else:
-            quotas = [Quota(l.num_units, round(lo_ratio * l.num_units), round(hi_ratio * l.num_units))
-                      for l in self.layers]
+            quotas = [Quota(l.num_units, min(round(lo_ratio * l.num_units), cap(l)), cap(l)) for l in self.layers]
             k = round(unit_target * sum(q.n for q in quotas))
             selections = allocate(sources, quotas, k, names, hold)
             pruned = [sel.mask for sel in selections]

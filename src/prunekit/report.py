@@ -10,6 +10,7 @@ from torch import nn
 
 from prunekit.layouts import layout_of
 from prunekit.masks import mask_buffer_name, pruned_params
+from prunekit.patterns.heads import HEAD_MASK
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunekit.pruning import Pruning
@@ -92,6 +93,20 @@ def sparsity_report(model: nn.Module, pruning: "Pruning | None" = None) -> Spars
         if layout_of(module) is not None:
             lc_zeros += _zeros(module.weight)
             lc_numel += module.weight.numel()
+    for name, module in model.named_modules():
+        head_mask = module._buffers.get(HEAD_MASK) if hasattr(module, "_buffers") else None
+        if head_mask is None:
+            continue
+        layer = units.get(name)
+        element = None
+        if layer is not None:
+            zeros = sum(_zeros(m.weight) for m in layer.modules)
+            element = zeros / layer.numel
+            pruned_zeros += zeros
+            pruned_numel += layer.numel
+        rows.append(LayerRow(name, [int(head_mask.numel())], "mha", element if element is not None else 0.0,
+                             1.0 - float(head_mask.float().mean()),
+                             "heads pruned" if layer is not None else "heads (weights not measured)"))
     if pruning is not None:
         for pruner in pruning.pruners:
             for name, reason in pruner.skipped:

@@ -19,7 +19,9 @@ class Magnitude(Criterion):
 
     @torch.no_grad()
     def layer_scores(self, layer) -> torch.Tensor:
-        return layer.bound.reduce_abs(layer.weight.detach().float().clone()).float()
+        # a fresh buffer per layer: an event may hold every layer's scores at once
+        fresh = lambda like: torch.empty(like.shape, dtype=torch.float32, device=like.device)  # noqa: E731
+        return layer.reduced_scores(lambda w, g, out: out.copy_(w), fresh, needs_grad=False)
 
 
 @CRITERIA.register("gradient")

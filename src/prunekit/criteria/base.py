@@ -66,7 +66,7 @@ class GradientCriterion(Criterion):
         """Signed element-wise importance of this step, written into ``out``; its absolute value is scored."""
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        # one reusable buffer: a fresh layer-sized allocation every step costs page faults on CPU
+        # one reusable float32 buffer: a fresh layer-sized allocation every step costs page faults on CPU
         if self._scratch.numel() < like.numel() or self._scratch.device != like.device:
             self._scratch = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
         return self._scratch[: like.numel()].view(like.shape)
@@ -74,12 +74,9 @@ class GradientCriterion(Criterion):
     @torch.no_grad()
     def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
         for layer in layers:
-            grad = layer.weight.grad
-            if grad is None:  # no gradient reached this layer in this step
+            term = layer.reduced_scores(self.step_term, self._buffer, needs_grad=True)
+            if term is None:  # no gradient reached this layer in this step
                 continue
-            weight = layer.weight.detach()
-            buf = self._buffer(weight) if weight.dtype == torch.float32 else torch.empty_like(weight)
-            term = layer.bound.reduce_abs(self.step_term(weight, grad, buf))
             old = self.scores.get(layer.name)
             if old is None or self.momentum == 0.0:
                 self.scores[layer.name] = term.to(self.score_dtype, copy=True)

@@ -229,6 +229,7 @@ def _train_loop(model, loader, optimizer, compute_loss, *, total_steps, env, lr_
 
     accum = max(1, int(gradient_accumulation_steps))
     log_every = log_every or max(1, total_steps // 200)
+    report_every = max(1, total_steps // 20)  # a line in the log (and train.log) about every 5 %
     result = TrainResult()
     model.train()
     bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not (progress and env.is_main),
@@ -279,6 +280,13 @@ def _train_loop(model, loader, optimizer, compute_loss, *, total_steps, env, lr_
                 bar.set_postfix(loss=f"{ema:.4f}", sparsity=f"{sparsity:.3f}",
                                 samples_s=f"{result.samples_seen / max(elapsed, 1e-9):.1f}", refresh=False)
             bar.update(1)
+            if env.is_main and (step % report_every == 0 or step == total_steps):
+                if pruning is not None:
+                    sparsity = float(pruning.current_sparsity())
+                elapsed = time.perf_counter() - start
+                logger.info("%s step %d/%d: loss %.4f, sparsity %.4f, lr %.3g, %.1f samples/s, %.0f s", desc, step,
+                            total_steps, ema, sparsity, optimizer.param_groups[0]["lr"],
+                            result.samples_seen / max(elapsed, 1e-9), elapsed)
             if step >= total_steps:
                 break
         epoch += 1
