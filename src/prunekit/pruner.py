@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.criteria import CRITERIA
-from prunekit.errors import SelectionError
+from prunekit.errors import ConfigError, SelectionError
 from prunekit.masks import PrunedLayer
 from prunekit.patterns import parse_pattern
 from prunekit.patterns.heads import HeadPattern, head_layers
@@ -44,6 +44,12 @@ class Pruner:
 
     def __init__(self, model: nn.Module, config: "PrunerConfig", name: str = "pruner0") -> None:
         self.config, self.name = config, name
+        if config.reg_type is not None:
+            raise ConfigError("reg_type", config.reg_type, "allowed: null (group lasso is not available in this "
+                                                           "release; the original's version diverged to NaN)")
+        if config.progressive:
+            warnings.warn(f"prunekit: {config.pruning_type}: progressive mask interpolation is not implemented; "
+                          f"running the plain {config.criterion} schedule", stacklevel=3)
         self.pattern = parse_pattern(config.pattern)
         self.layers, self.skipped = self._bind_layers(model)
         self.criterion = CRITERIA.get(config.criterion)(low_memory_usage=config.low_memory_usage)
