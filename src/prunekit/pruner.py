@@ -164,6 +164,7 @@ class Pruner:
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "pattern": self.pattern.spec,
             "layers": [l.name for l in self.layers],
             "masks": {l.name: l.mask.clone() for l in self.layers},
             "criterion": self.criterion.state_dict(),
@@ -178,6 +179,15 @@ class Pruner:
         if list(state["layers"]) != names:
             raise ValueError(f"{self.name}: the saved pruning state covers layers {state['layers']}, "
                              f"this model selects {names}; the config or the model differs")
+        if state.get("pattern", self.pattern.spec) != self.pattern.spec:
+            raise ValueError(f"{self.name}: the saved pruning state was made with pattern "
+                             f"{state['pattern']!r}; this config uses {self.pattern.spec!r}")
+        for layer in self.layers:
+            saved = tuple(state["masks"][layer.name].shape)
+            if saved != tuple(layer.bound.mask_shape):
+                raise ValueError(f"{self.name}: layer {layer.name!r} has a saved mask of shape {saved}, but its "
+                                 f"weight {tuple(layer.weight.shape)} under {self.pattern.spec!r} needs "
+                                 f"{tuple(layer.bound.mask_shape)}; the model differs from the one saved")
         for layer in self.layers:
             layer.set_mask(state["masks"][layer.name].to(layer.device))
             layer.apply_()

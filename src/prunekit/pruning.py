@@ -43,8 +43,11 @@ class Pruning:
     Args:
         model: the model to prune (masks are attached to its modules as non-persistent buffers).
         config: anything :func:`prunekit.config.load_config` accepts (typed config, 2.x dicts, YAML path …).
-        optimizer: optional; when given, momentum-like optimizer state of newly pruned weights is zeroed at
-            every event. Use :func:`prunekit.prepare_pruning` to also drive the callbacks from its step hooks.
+        optimizer: optional. When given, the pruning hooks into its step (``register_step_pre_hook`` /
+            ``register_step_post_hook``): scores see the gradients the optimizer really applies (unscaled by
+            ``GradScaler``, never from a skipped step, once per accumulated step), its momentum-like state of
+            newly pruned weights is zeroed at every event, and the ``on_before/after_optimizer_step`` callbacks
+            become no-ops (calling them anyway is harmless). Without it, those two callbacks do the work.
     """
 
     def __init__(self, model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -52,11 +55,13 @@ class Pruning:
         self.config: PruningConfig = load_config(config)
         self.pruners = [Pruner(model, c, f"pruner{i}") for i, c in enumerate(self.config.pruners)]
         self._check_disjoint()
-        self.optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
         self.global_step = 0
-        self._in_step = False  # between on_before_optimizer_step and on_after_optimizer_step
+        self._in_step = False  # between the before- and after-step stages
         self._missing_after_warned = False
         self._handles: list[Any] = []
+        if optimizer is not None:
+            self.attach(optimizer)
 
     def _check_disjoint(self) -> None:
         owner: dict[str, str] = {}
@@ -85,14 +90,24 @@ class Pruning:
         self._run_due_events(need_ready=True)
 
     def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Fold gradients into scores, run events still due, mask gradients. Call after backward
-        (after ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``."""
+        """Fold gradients into scores, run events still due, mask gradients. Call after backward (after
+        ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``. A no-op when hooked."""
+        if not self._handles:
+            self._before_step()
+
+    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Zero pruned weights again, advance the step counter, run events due at the next step's start.
+        A no-op when hooked into the optimizer."""
+        if not self._handles:
+            self._after_step()
+
+    def _before_step(self) -> None:
         if self._in_step:  # on_after_optimizer_step was not called for the previous step
             if not self._missing_after_warned:
                 warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer "
-                              "step; advancing the step counter here", stacklevel=2)
+                              "step; advancing the step counter here", stacklevel=3)
                 self._missing_after_warned = True
-            self.on_after_optimizer_step()
+            self._after_step()
         with torch.no_grad():
             for pruner in self.pruners:
                 # scores are only read at events: stop paying for them once the last event is done
@@ -103,8 +118,7 @@ class Pruning:
                 layer.mask_grad_()
         self._in_step = True
 
-    def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Zero pruned weights again, advance the step counter, run events due at the next step's start."""
+    def _after_step(self) -> None:
         if type(self.optimizer) not in _ZERO_PRESERVING:
             with torch.no_grad():
                 for layer in self.layers:
@@ -185,10 +199,13 @@ class Pruning:
 
     # --- optimizer hooks -------------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruning":
-        """Drive the callbacks from ``optimizer``'s own step hooks (no monkey-patching)."""
+        """Drive the before/after-step stages from ``optimizer``'s own step hooks (no monkey-patching)."""
+        if self.optimizer is optimizer and self._handles:
+            return self
+        self.detach()
         self.optimizer = optimizer
-        self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self.on_before_optimizer_step()))
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self.on_after_optimizer_step()))
+        self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step()))
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step()))
         return self
 
     def detach(self, remove_masks: bool = False) -> None:
@@ -208,6 +225,6 @@ def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimi
     ``register_step_pre_hook`` / ``register_step_post_hook``; events due at step 0 that need no gradient run
     now. Call ``pruning.on_train_end()`` for the final report, ``pruning.state_dict()`` to checkpoint.
     """
-    pruning = Pruning(model, config, optimizer).attach(optimizer)
+    pruning = Pruning(model, config, optimizer)
     pruning.on_train_begin()
     return pruning

@@ -29,7 +29,7 @@ class PruningCallback(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"PruningCallback supports one optimizer; this module configures "
                              f"{len(trainer.optimizers)}")
-        self.pruning = Pruning(pl_module, self.config, trainer.optimizers[0]).attach(trainer.optimizers[0])
+        self.pruning = Pruning(pl_module, self.config, trainer.optimizers[0])
         if self._pending_state is not None:
             self.pruning.load_state_dict(self._pending_state)
             self._pending_state = None
