@@ -180,7 +180,7 @@ class Pruner:
             raise ValueError(f"{self.name}: the saved pruning state covers layers {state['layers']}, "
                              f"this model selects {names}; the config or the model differs")
         if state.get("pattern", self.pattern.spec) != self.pattern.spec:
-            raise ValueError(f"{self.name}: the saved pruning state was made with pattern "
+            raise ValueError(f"{self.name}: the saved pruning state of layers {names} was made with pattern "
                              f"{state['pattern']!r}; this config uses {self.pattern.spec!r}")
         for layer in self.layers:
             saved = tuple(state["masks"][layer.name].shape)
