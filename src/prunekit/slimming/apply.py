@@ -51,7 +51,7 @@ def _set_equal(modules: list[nn.Module], names, old: int, new: int) -> None:
 
 def _check_unmasked(model: nn.Module, names: list[str]) -> None:
     for name in names:
-        masks = attached_masks(model.get_submodule(name))
+        masks = attached_masks(model.get_submodule(name) if name else model)
         if masks:
             raise SlimmingError(f"{name} still carries pruning masks ({', '.join(masks)}); finish pruning first "
                                 "(Pruning.detach(remove_masks=True)) so that slimming cuts plain weights")
@@ -124,7 +124,8 @@ def apply_plan(model: nn.Module, plan: SlimPlan) -> tuple[list[FFNGroup], list[A
     """Cut everything in ``plan``; returns the groups as they are afterwards."""
     layers = [n for c in plan.ffn for n in [c.group.consumer, *c.group.producers]]
     layers += [n for c in plan.attention for n in c.group.modules]
-    _check_unmasked(model, layers)
+    layers += [c.group.name for c in plan.attention]  # the mha pattern keeps its head mask on the container
+    _check_unmasked(model, list(dict.fromkeys(layers)))
     for c in plan.attention:
         _check_covered(model, c.group)
     with torch.no_grad():

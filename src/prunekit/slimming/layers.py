@@ -8,12 +8,11 @@ dependencies (transformers' ``Conv1D``) never need importing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
-# prunekit.masks stores masks as buffers named ``<param>_prune_mask``; a cut module must not carry one.
+# prunekit.masks stores masks as buffers named ``<param>_prune_mask`` (the mha pattern: ``head_prune_mask`` on the
+# attention container); a module being cut must not carry one.
 MASK_SUFFIX = "_prune_mask"
 
 
@@ -94,5 +93,3 @@ def attached_masks(module: nn.Module) -> list[str]:
     """Names of prunekit mask buffers still attached to ``module``."""
     return [name for name, _ in module.named_buffers(recurse=False) if name.endswith(MASK_SUFFIX)]
 
-
-LayerPredicate = Callable[[nn.Module], bool]
