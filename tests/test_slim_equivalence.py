@@ -109,3 +109,34 @@ def test_only_consumer_columns_need_be_zero() -> None:
     assert model.model.layers[0].mlp.gate_proj.out_features == FFN - 3
     assert model.model.layers[0].mlp.up_proj.weight.shape == (FFN - 3, HIDDEN)
     assert torch.allclose(outputs(model, x), expected, atol=ATOL)
+
+
+class KVFused(torch.nn.Module):
+    """Not from transformers: q on its own, k and v fused in one layer and split, SDPA, residual."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.kv, self.o = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+        self.head_dim = dim // heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        heads = lambda y: y.reshape(b, t, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        k, v = self.kv(x).split(self.kv.out_features // 2, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(k), heads(v))
+        return x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_partially_fused_attention_in_a_plain_module() -> None:
+    model, x = KVFused(), torch.randn(2, 5, 32)
+    group = detect(model, x).attention[0]
+    assert (group.q, group.k, group.v, group.o, group.fused_qkv) == ("q", "kv", "kv", "o", False)
+    assert (group.k_offset, group.v_offset, group.num_heads) == (0, 32, 4)
+    zero_heads(model, group, [1, 2])
+    expected = model(x)
+    slim(model, example_inputs=x)
+    assert torch.allclose(model(x), expected, atol=ATOL)
+    after = detect(model, x).attention[0]
+    assert (after.num_heads, after.k_offset, after.v_offset) == (2, 0, 16)
+    assert model.kv.out_features == 32

@@ -171,15 +171,18 @@ def common_prefix(names: list[str]) -> str:
 
 
 def resized(group: AttentionGroup, num_heads: int, num_kv_heads: int) -> AttentionGroup:
-    """``group`` after slimming to ``num_heads`` / ``num_kv_heads`` heads (fused offsets keep their order)."""
+    """``group`` after slimming to ``num_heads`` / ``num_kv_heads`` heads.
+
+    Roles sharing one layer (fused qkv, or k/v fused apart from q) keep their order inside it and close up.
+    """
     data = group.to_dict()
     data.update(num_heads=num_heads, num_kv_heads=num_kv_heads)
-    if group.fused_qkv:
-        widths = {"q": num_heads * group.head_dim, "k": num_kv_heads * group.head_dim,
-                  "v": num_kv_heads * group.head_dim}
-        order = sorted("qkv", key=lambda r: getattr(group, f"{r}_offset"))
-        offset = min(group.q_offset, group.k_offset, group.v_offset)
-        for role in order:
+    widths = {"q": num_heads * group.head_dim, "k": num_kv_heads * group.head_dim,
+              "v": num_kv_heads * group.head_dim}
+    for layer in {group.q, group.k, group.v}:
+        roles = sorted((r for r in "qkv" if getattr(group, r) == layer), key=lambda r: getattr(group, f"{r}_offset"))
+        offset = getattr(group, f"{roles[0]}_offset")
+        for role in roles:
             data[f"{role}_offset"] = offset
             offset += widths[role]
     return AttentionGroup.from_dict(data)

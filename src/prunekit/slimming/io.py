@@ -2,10 +2,11 @@
 
 transformers models are written as their config (config.json carrying ``prunekit_slimming``) plus the model's
 own state_dict in safetensors (``save_pretrained`` is not used for the weights: transformers 5 renames some
-families' keys back to legacy names on save, e.g. ViT). :func:`load_slimmed` rebuilds the architecture from the *original* scalar config values, cuts
-every recorded layer to its slimmed shape (same cutting functions as :func:`~prunekit.slimming.slim`), then loads
-the weights strictly. Plain ``nn.Module`` models are written as ``slimming.json`` + ``model.safetensors`` and
-loaded into a freshly built, unslimmed instance passed as ``model=``.
+families' keys back to legacy names on save, e.g. ViT). :func:`load_slimmed` rebuilds the architecture from
+the *original* scalar config values, cuts every recorded layer to its slimmed shape (the same cutting functions
+as :func:`~prunekit.slimming.slim`), then loads the weights strictly. Plain ``nn.Module`` models are written as
+``slimming.json`` + ``model.safetensors`` and loaded into a freshly built, unslimmed instance passed as
+``model=``.
 """
 from __future__ import annotations
 

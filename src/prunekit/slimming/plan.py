@@ -2,9 +2,9 @@
 
 A channel of an FFN group is *zero* when its input column in the consumer is all zero: whatever the producers
 write there is multiplied by zero, so removing it (with the producers' rows and bias entries) leaves outputs
-unchanged. A query head is *zero* when its q rows and its o columns are all zero (weights only: with its o columns zero
-the head adds nothing to the output whatever q/k/v biases hold). Key/value head ``g`` goes only when every query head reading it goes;
-its k/v rows are then unused, so they need not be zero.
+unchanged. A query head is *zero* when its q rows and its o columns are all zero (weights only: with its o
+columns zero the head adds nothing to the output, whatever the q/k/v biases hold). Key/value head ``g`` goes
+only when every query head reading it goes; its k/v rows are then unused, so they need not be zero.
 
 Grouped-query attention stays legal only if every key/value head keeps the same number of query heads
 (``num_heads = num_kv_heads * heads_per_kv``). So after removing fully-zero kv groups, each remaining group drops

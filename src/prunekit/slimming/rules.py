@@ -150,6 +150,8 @@ def _split_range(node: Node, output_nr: int) -> tuple[int, int] | None:
     """(offset, width) of output ``output_nr`` of a split along the last dimension, else None."""
     sizes = list(getattr(node, "_saved_self_sym_sizes", ()))
     dim = getattr(node, "_saved_dim", None)
+    if dim is not None and dim >= 2**63:  # autograd saves a negative dim as an unsigned 64-bit integer
+        dim -= 2**64
     if not sizes or dim is None or dim not in (-1, len(sizes) - 1):
         return None
     total = int(sizes[-1])
