@@ -146,3 +146,22 @@ def test_plain_module_swiglu() -> None:
     groups = find_ffn_groups(Residual(), torch.randn(2, 8))
     assert len(groups) == 1 and sorted(groups[0].producers) == ["gate", "up"] and groups[0].consumer == "down"
     assert groups[0].name == ""
+
+
+class SharedBlock(nn.Module):
+    """One FFN applied twice (ALBERT-style weight sharing): its channels cannot be cut for one use only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            x = x + self.fc2(torch.relu(self.fc1(x)))
+        return x
+
+
+def test_shared_layers_are_rejected() -> None:
+    found = detect(SharedBlock(), torch.randn(2, 8))
+    assert found.ffn == []
+    assert {r.layer for r in found.rejected if "runs 2 times" in r.reason} == {"fc1", "fc2"}

@@ -19,7 +19,8 @@ from prunekit.slimming.groups import AttentionGroup, FFNGroup, common_prefix
 from prunekit.slimming.layers import layer_ops
 from prunekit.slimming.trace import Edge, Node, TracedGraph, kind
 
-# Ops that act on every feature independently: a channel in is the same channel out.
+# Ops that act on every feature independently: a channel in is the same channel out. Operands without grad
+# (scalars, token masks) are taken as broadcast; a per-channel constant would fail loudly after slimming.
 ELEMENTWISE = frozenset({
     "Gelu", "Silu", "Relu", "Tanh", "Sigmoid", "Mul", "Div", "Add", "Sub", "Pow", "Neg", "Erf", "Exp", "Sqrt",
     "Rsqrt", "Abs", "Clamp", "Hardtanh", "LeakyRelu", "Elu", "Softplus", "Mish", "Hardswish", "Hardsigmoid",
@@ -43,7 +44,7 @@ class Rejection:
     """A layer that looked like a group member but could not be grouped, and why."""
 
     layer: str
-    kind: str  # "ffn" | "attention"
+    kind: str  # "ffn" | "attention" | "layer"
     reason: str
 
 
@@ -122,6 +123,8 @@ def ffn_group(model: nn.Module, graph: TracedGraph, consumer: str) -> FFNGroup |
         outside = [c for c in graph.children.get(node, []) if c not in allowed]
         if outside:
             return reject(f"{graph.describe(node)} is also read outside the block (by {kind(outside[0])})")
+    order = list(graph.calls)  # execution order: deterministic, and the order a reader expects
+    producers.sort(key=order.index)
     name = common_prefix(producers + [consumer])
     return FFNGroup(name=name, producers=producers, consumer=consumer, width=width)
 
@@ -274,6 +277,11 @@ def find_in_graph(model: nn.Module, graph: TracedGraph) -> tuple[list[FFNGroup],
     rejected: list[Rejection] = []
     for name, module in model.named_modules():
         if layer_ops(module) is None:
+            continue
+        calls = len(graph.calls.get(name, []))
+        if calls > 1:
+            rejected.append(Rejection(name, "layer", f"runs {calls} times per forward (shared weights): "
+                                                     "cutting it would change every use"))
             continue
         for rule, bucket in ((attention_group, attn), (ffn_group, ffn)):
             found: Any = rule(model, graph, name)
