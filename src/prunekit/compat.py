@@ -18,6 +18,7 @@ from torch import nn
 from prunekit import pruning as _pruning
 from prunekit.config import PruningConfig, load_config
 from prunekit.errors import ConfigError
+from prunekit.slimming.compat import model_slim, parse_auto_slim_config
 
 _ONESHOT_TYPES = ("sparse_gpt", "sparsegpt", "retrain_free", "wanda")
 
@@ -124,22 +125,6 @@ def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimi
                           "training-aware pruning needs the optimizer; dataloader-driven one-shot pruning "
                           "(sparse_gpt, retrain_free, wanda) is not part of this release")
     return _pruning.prepare_pruning(model, cfg, optimizer)
-
-
-def parse_auto_slim_config(model: nn.Module, dataloader: Any = None, ffn2_sparsity: float = 0.0,
-                           mha_sparsity: float = 0.0, **kwargs: Any) -> list[dict]:
-    """The original's name and argument order for :func:`prunekit.slimming.auto_slim_configs`."""
-    from prunekit.slimming import auto_slim_configs
-
-    return auto_slim_configs(model, ffn2_sparsity=ffn2_sparsity, mha_sparsity=mha_sparsity, **kwargs)
-
-
-def model_slim(model: nn.Module, dataloader: Any = None, round_multiplier: int = 32) -> nn.Module:
-    """The original's name for :func:`prunekit.slimming.slim`; failures raise instead of being swallowed."""
-    from prunekit.slimming import slim
-
-    slim(model, round_to=round_multiplier)
-    return model
 
 
 __all__ = ["WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning", "CompressionManager",
