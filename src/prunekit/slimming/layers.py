@@ -8,12 +8,14 @@ dependencies (transformers' ``Conv1D``) never need importing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-# prunekit.masks stores masks as buffers named ``<param>_prune_mask`` (the mha pattern: ``head_prune_mask`` on the
-# attention container); a module being cut must not carry one.
-MASK_SUFFIX = "_prune_mask"
+from prunekit.layouts import layout_of
+# masks are buffers named ``<param>_prune_mask`` (the mha pattern's ``head_prune_mask`` ends the same way); a module
+# being cut must not carry one
+from prunekit.masks import MASK_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ def layer_ops(module: nn.Module) -> LayerOps | None:
     for cls in type(module).__mro__:
         ops = _LAYERS.get(cls.__name__)
         if ops is not None:
+            layout = layout_of(module)  # one source of truth for where the out/in axes are
+            if layout is not None and (layout.out_axis, layout.in_axis) != (ops.out_dim, ops.in_dim):
+                raise ValueError(f"{type(module).__name__}: slimming and pruning disagree on its weight axes")
             return ops
     return None
 
