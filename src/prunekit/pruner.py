@@ -109,12 +109,13 @@ class Pruner:
             for layer in self.layers:
                 layer.lock_existing_zeros()
             self.initial_sparsity = self.current_sparsity()
-        if not self.criterion.locks:
-            target = self.schedule.target_at(index, self.initial_sparsity)
-            if target > 0.0:
-                self._rank(self.pattern.to_unit_ratio(target))
-        else:
+        target = self.schedule.target_at(index, self.initial_sparsity)
+        # the first event of an iterative schedule targets the initial sparsity: nothing to rank (with a lock,
+        # ranking afresh would release locked zeros of layers above the average)
+        if self.criterion.locks or (index == 0 and not self.schedule.oneshot):
             target = self.initial_sparsity
+        elif target > 0.0:
+            self._rank(self.pattern.to_unit_ratio(target))
         for layer in self.layers:
             layer.apply_()
         event = Event(step, target, self.current_sparsity(), time.perf_counter() - began)

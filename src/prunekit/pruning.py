@@ -53,13 +53,21 @@ class Pruning:
     def __init__(self, model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
         self.config: PruningConfig = load_config(config)
-        self.pruners = [Pruner(model, c, f"pruner{i}") for i, c in enumerate(self.config.pruners)]
-        self._check_disjoint()
+        self.pruners: list[Pruner] = []
+        try:
+            for i, c in enumerate(self.config.pruners):
+                self.pruners.append(Pruner(model, c, f"pruner{i}"))
+            self._check_disjoint()
+        except Exception:
+            for layer in self.layers:  # a refused config leaves the model as it found it
+                layer.detach()
+            raise
         self.optimizer: torch.optim.Optimizer | None = None
         self.global_step = 0
         self._in_step = False  # between the before- and after-step stages
         self._missing_after_warned = False
         self._handles: list[Any] = []
+        self._hook_depth = 0  # an optimizer subclass calling super().step() fires the hooks nested
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -204,9 +212,19 @@ class Pruning:
             return self
         self.detach()
         self.optimizer = optimizer
-        self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step()))
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._after_step()))
+        self._handles.append(optimizer.register_step_pre_hook(lambda opt, a, k: self._pre_hook()))
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, a, k: self._post_hook()))
         return self
+
+    def _pre_hook(self) -> None:
+        self._hook_depth += 1
+        if self._hook_depth == 1:  # the outermost step call only
+            self._before_step()
+
+    def _post_hook(self) -> None:
+        self._hook_depth = max(0, self._hook_depth - 1)
+        if self._hook_depth == 0:
+            self._after_step()
 
     def detach(self, remove_masks: bool = False) -> None:
         """Remove the optimizer hooks; with ``remove_masks`` also the mask buffers (zeros stay in weights)."""
