@@ -6,7 +6,7 @@ cheap), whatever the floating-point order of each rank's kernels.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -16,11 +16,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def broadcast_masks(masks: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Overwrite every rank's masks with rank ``src``'s (bool tensors go over the wire as uint8)."""
+def broadcast_masks(layers: Iterable[Any], src: int = 0) -> None:
+    """Overwrite every rank's layer masks with rank ``src``'s (bool masks go over the wire as uint8)."""
     if not is_distributed():
         return
-    for mask in masks:
-        wire = mask.to(torch.uint8)
+    for layer in layers:
+        wire = layer.mask.to(torch.uint8)
         dist.broadcast(wire, src=src)
-        mask.copy_(wire.bool())
+        layer.set_mask(wire.bool())

@@ -164,7 +164,7 @@ class Pruning:
                 pruner.last_event_step = self.global_step
                 continue
             pruner.prune(self.global_step)
-            broadcast_masks(layer.mask for layer in pruner.layers)
+            broadcast_masks(pruner.layers)
             for layer in pruner.layers:
                 layer.apply_()
                 if self.optimizer is not None:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 CHUNK = 1 << 24
+_POSITIVE_INF_BITS = 0x7F800000  # positive floats above this bit pattern are NaN
 _PASSES = (11, 11, 10)
 
 #: returns the flat unit scores of one layer (may compute them on demand, e.g. |W| for magnitude)
@@ -42,12 +43,13 @@ def _keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
     x = scores.reshape(-1)
     if x.dtype != torch.float32:
         x = x.float()
-    if x.numel() == 0:
-        return x.view(torch.int32)
-    if torch.isnan(x.max()):
-        raise ValueError(f"scores of layer {name!r} contain NaN: training diverged or a gradient is not finite")
     bits = x.view(torch.int32)
-    if bits.min() < 0:  # a sign bit is set (negative scores or -0.0): flip magnitudes, make -0.0 equal +0.0
+    if x.numel() == 0:
+        return bits
+    low, high = torch.aminmax(bits)  # one pass answers both "any sign bit?" and "any positive NaN?"
+    if high > _POSITIVE_INF_BITS or (low < 0 and bool(torch.isnan(x).any())):
+        raise ValueError(f"scores of layer {name!r} contain NaN: training diverged or a gradient is not finite")
+    if low < 0:  # a sign bit is set (negative scores or -0.0): flip magnitudes, make -0.0 equal +0.0
         bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         bits = bits.masked_fill(bits == -1, 0)
     return bits
@@ -59,15 +61,31 @@ class _Keys:
     def __init__(self, source: ScoreSource, name: str, hold: bool) -> None:
         self.source, self.name = source, name
         self.held = _keys(source(), name) if hold else None
+        self._candidates: tuple[int, int, torch.Tensor] | None = None  # (prefix, bits, keys with that prefix)
 
     def chunks(self):
-        keys = self.held if self.held is not None else None
-        if keys is not None:
-            yield keys
+        if self.held is not None:
+            yield self.held
             return
         flat = self.source().reshape(-1)
         for start in range(0, flat.numel(), CHUNK):
             yield _keys(flat[start:start + CHUNK], self.name)
+
+    def with_prefix(self, prefix: int, bits: int):
+        """Chunks of the keys whose top ``bits`` bits equal ``prefix``. Held keys keep the narrowed set, so
+        later radix passes only touch the candidates, not the whole layer again."""
+        if self.held is None:
+            for keys in self.chunks():
+                yield keys[(keys >> (32 - bits)) == prefix]
+            return
+        if self._candidates is not None and bits > self._candidates[1] \
+                and prefix >> (bits - self._candidates[1]) == self._candidates[0]:
+            base = self._candidates[2]
+        else:
+            base = self.held
+        narrowed = base[(base >> (32 - bits)) == prefix]
+        self._candidates = (prefix, bits, narrowed)
+        yield narrowed
 
 
 def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -81,9 +99,8 @@ def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> t
         bins = 1 << width
         hist = torch.zeros(len(layers), bins, dtype=torch.int64)
         for i, layer in enumerate(layers):
-            for keys in layer.chunks():
+            for keys in (layer.with_prefix(prefix, done) if done else layer.chunks()):
                 if done:
-                    keys = keys[(keys >> (32 - done)) == prefix]
                     digits = (keys >> shift) & (bins - 1)
                 else:  # the top digit is signed: shift it into [0, bins)
                     digits = (keys >> shift) + (bins >> 1)

@@ -80,6 +80,8 @@ class GradientCriterion(Criterion):
             old = self.scores.get(layer.name)
             if old is None or self.momentum == 0.0:
                 self.scores[layer.name] = term.to(self.score_dtype, copy=True)
+            elif old.dtype == term.dtype:
+                torch.add(term, old, alpha=self.momentum, out=old)  # old = term + momentum·old, one pass
             else:
                 old.mul_(self.momentum).add_(term)
 

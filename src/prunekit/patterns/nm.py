@@ -19,7 +19,7 @@ class NMBound(BoundPattern):
         self.mask_shape = self.score_shape = self.shape
         self.needs_scores_for_mask = True
         self.elementwise_mask = True
-        self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._cache: tuple[torch.Tensor, int, list[torch.Tensor]] | None = None
         self.unit_zeros = n
         self.num_units = self.numel // m
 
@@ -27,8 +27,9 @@ class NMBound(BoundPattern):
         axis = self.layout.in_axis
         return t.unflatten(axis, (t.shape[axis] // self.m, self.m))
 
-    def _lowest_n(self, scores: torch.Tensor) -> torch.Tensor:
-        """Bool (split view): the N lowest-scoring elements of every group; ties go to the lower index."""
+    def _lowest_n(self, scores: torch.Tensor) -> list[torch.Tensor]:
+        """Per position i of the group (a list of M bool tensors): whether element i is among the N lowest
+        scores of its group; ties go to the lower index."""
         # an event asks twice for the same scores (unit scores, then the mask): compute once
         cached = self._cache
         if cached is not None and cached[0] is scores and cached[1] == scores._version:
@@ -37,51 +38,61 @@ class NMBound(BoundPattern):
         self._cache = (scores, scores._version, low)
         return low
 
-    def _rank_lowest(self, scores: torch.Tensor) -> torch.Tensor:
-        v = self.view(scores.float())
+    def _columns(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """The M positions of every group, as M strided views (working on them avoids slow reductions and
+        sorts along a short innermost axis)."""
+        v = self.view(t)
+        return [v.select(self.group_dim, i) for i in range(self.m)]
+
+    def _rank_lowest(self, scores: torch.Tensor) -> list[torch.Tensor]:
         g = self.group_dim
         if self.m > 16:
-            order = torch.argsort(v, dim=g, stable=True)
-            return torch.argsort(order, dim=g) < self.n
-        # small M: rank_i = #{j : s_j < s_i, or s_j == s_i and j < i}; M² cheap comparisons beat a sort
-        # along a short axis by an order of magnitude
-        cols = [v.select(g, i) for i in range(self.m)]
-        ranks = []
+            order = torch.argsort(self.view(scores.float()), dim=g, stable=True)
+            low = torch.argsort(order, dim=g) < self.n
+            return list(low.unbind(g))
+        # small M: rank_i = #{j : s_j < s_i, or s_j == s_i and j < i}, from M² comparisons
+        cols = self._columns(scores.float())
+        low = []
         for i, ci in enumerate(cols):
             rank = torch.zeros_like(ci, dtype=torch.uint8)
             for j, cj in enumerate(cols):
                 if j != i:
                     rank += (cj <= ci) if j < i else (cj < ci)
-            ranks.append(rank < self.n)
-        return torch.stack(ranks, dim=g)
+            low.append(rank < self.n)
+        return low
 
     def reduce_scores(self, elem: torch.Tensor) -> torch.Tensor:
         return elem
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        v = self.view(scores.float())
+        cols = self._columns(scores.float())
         low = self._lowest_n(scores)
         if self.reduce == "max":
-            picked = v.masked_fill(~low, float("-inf")).amax(dim=self.group_dim)
+            picked = torch.stack([c.masked_fill(~l, float("-inf")) for c, l in zip(cols, low)]).amax(dim=0)
         else:
-            picked = (v * low).sum(dim=self.group_dim)
+            picked = torch.zeros_like(cols[0])
+            for c, l in zip(cols, low):
+                picked += c * l
             if self.reduce == "mean":
-                picked = picked / self.n
+                picked /= self.n
         return picked.reshape(-1)
 
     def mask_from_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         low = self._lowest_n(scores)
-        group_shape = list(low.shape)
-        group_shape[self.group_dim] = 1
-        prune = low & pruned.reshape(group_shape)
+        pruned = pruned.reshape(low[0].shape)
         self._cache = None
-        return (~prune).reshape(self.shape)
+        keep = torch.stack([~(l & pruned) for l in low], dim=self.group_dim)
+        return keep.reshape(self.shape)
 
     def apply_(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return t.mul_(mask)
 
     def pruned_units(self, mask: torch.Tensor) -> int:
-        return int(self.view(~mask).any(dim=self.group_dim).sum())
+        cols = self._columns(mask)
+        whole = cols[0].clone()
+        for c in cols[1:]:
+            whole &= c
+        return whole.numel() - int(whole.count_nonzero())  # groups with at least one zero
 
     def lock_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """Existing zeros stay zero."""
