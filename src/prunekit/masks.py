@@ -158,7 +158,7 @@ class PrunedLayer:
         """Zero momentum-like optimizer state of pruned weights (e.g. Adam's moments) after an event."""
         for value in optimizer.state.get(self.weight, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
-                self.bound.apply_(value, self.mask)
+                self.bound.apply_(value, self.multiplier(value))
 
     def detach(self) -> None:
         """Remove the mask buffer (the zeros stay in the weight)."""

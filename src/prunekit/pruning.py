@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from prunekit.config import PruningConfig, load_config
-from prunekit.distributed import broadcast_masks
+from prunekit.distributed import broadcast_masks, is_distributed
 from prunekit.errors import SelectionError
 from prunekit.pruner import Pruner
 
@@ -163,11 +163,13 @@ class Pruning:
                               "(no gradient reached its layers); its event is skipped", stacklevel=3)
                 pruner.last_event_step = self.global_step
                 continue
-            pruner.prune(self.global_step)
-            broadcast_masks(pruner.layers)
-            for layer in pruner.layers:
-                layer.apply_()
-                if self.optimizer is not None:
+            pruner.prune(self.global_step)  # computes and applies the new masks
+            if is_distributed():  # rank 0's masks win, so every rank must re-apply them
+                broadcast_masks(pruner.layers)
+                for layer in pruner.layers:
+                    layer.apply_()
+            if self.optimizer is not None:
+                for layer in pruner.layers:
                     layer.mask_optimizer_state_(self.optimizer)
 
     # --- queries ---------------------------------------------------------------------------------------------
