@@ -155,13 +155,13 @@ def test_every_criterion_reaches_the_target(criterion, pattern):
 
 @pytest.mark.parametrize("criterion", ["gradient", "snip", "snip_momentum"])
 def test_gradient_criteria_scores_follow_their_formulas(criterion):
-    """Scores see each optimizer step's raw gradient, also outside [start, end] (snip_momentum: 0.9·S + |W·G|)."""
+    """Scores see each optimizer step's raw gradient before an event (snip_momentum: 0.9·S + |W·G|)."""
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append(
         {n: (getattr(model, n).weight.detach().clone(), getattr(model, n).weight.grad.clone()) for n in LAYERS}))
-    pruning = prunekit.prepare_pruning(model, {"pruning_type": criterion, "start_step": 50, "end_step": 50}, opt)
+    pruning = prunekit.prepare_pruning(model, {"pruning_type": criterion, "start_step": 4, "end_step": 4}, opt)
     for step in range(4):
         train_step(model, opt, step)
     crit = pruning.pruners[0].criterion
@@ -172,6 +172,28 @@ def test_gradient_criteria_scores_follow_their_formulas(criterion):
             term = blocks4x1((g if criterion == "gradient" else w * g).abs())
             expected = 0.9 * expected + term
         assert torch.allclose(crit.scores[name].reshape(expected.shape), expected, rtol=1e-5, atol=1e-9), name
+
+
+@pytest.mark.parametrize("criterion,horizon", [("snip", 1), ("snip_momentum", 132)])
+def test_gradients_too_early_or_after_the_last_event_are_not_scored(criterion, horizon):
+    """Scores are only read at events: a latest-step criterion needs only the step before an event, a momentum
+    criterion the ~132 steps whose weight is above 1e-6; steps after the last event are never scored."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    start = horizon + 3
+    pruning = prunekit.prepare_pruning(model, {"pruning_type": criterion, "start_step": start,
+                                               "end_step": start}, opt)
+    crit = pruning.pruners[0].criterion
+    for step in range(start - horizon):  # every step here is more than `horizon` steps before the event
+        train_step(model, opt, step)
+    assert crit.scores == {}
+    train_step(model, opt, start - horizon)
+    assert set(crit.scores) == set(LAYERS)
+    for step in range(start - horizon + 1, start + 1):
+        train_step(model, opt, step)
+    frozen = {n: t.clone() for n, t in crit.scores.items()}
+    train_step(model, opt, start + 1)  # after the last event
+    assert all(torch.equal(frozen[n], crit.scores[n]) for n in LAYERS)
 
 
 # ---- the default config and step-0 one-shot with a gradient criterion --------------------------------------

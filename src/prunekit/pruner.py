@@ -87,6 +87,16 @@ class Pruner:
     def ready(self) -> bool:
         return self.criterion.locks or self.criterion.ready
 
+    def wants_gradients(self, step: int) -> bool:
+        """Whether step ``step``'s gradients can still influence an event (scores are only read at events)."""
+        if not self.criterion.needs_grad or step > self.schedule.final_step:
+            return False
+        offset = step - self.schedule.start_step
+        freq = self.schedule.frequency
+        next_event = self.schedule.start_step if offset <= 0 else \
+            self.schedule.start_step + -(-offset // freq) * freq
+        return next_event - step <= self.criterion.horizon
+
     # --- events ----------------------------------------------------------------------------------------------
     def current_sparsity(self) -> float:
         """Element sparsity of this pruner's layers, as the masks say."""

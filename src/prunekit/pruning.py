@@ -118,8 +118,8 @@ class Pruning:
             self._after_step()
         with torch.no_grad():
             for pruner in self.pruners:
-                # scores are only read at events: stop paying for them once the last event is done
-                if pruner.criterion.needs_grad and self.global_step <= pruner.schedule.final_step:
+                # scores are only read at events: skip steps too early to matter and those after the last event
+                if pruner.wants_gradients(self.global_step):
                     pruner.criterion.accumulate(pruner.layers)
             self._run_due_events(need_ready=False)
             for layer in self.layers:

@@ -6,6 +6,7 @@ gradients are final (unscaled under AMP, all-reduced under DDP) and before the o
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -56,6 +57,14 @@ class GradientCriterion(Criterion):
     @property
     def ready(self) -> bool:
         return bool(self.scores)
+
+    @property
+    def horizon(self) -> int:
+        """How many steps before an event a gradient still matters: older ones weigh below 1e-6 of the
+        newest (momentum criteria), or are overwritten (latest-step criteria), so they are not computed."""
+        if self.momentum <= 0.0:
+            return 1
+        return math.ceil(math.log(1e-6) / math.log(self.momentum))
 
     def __init__(self, low_memory_usage: bool = False) -> None:
         super().__init__(low_memory_usage)
