@@ -30,17 +30,21 @@ def _check_tokenizer(tokenizer) -> None:
         raise RecipeError("the SQuAD recipe expects right padding (the question comes first)")
 
 
-def prepare_train_features(examples: Sequence[dict], tokenizer, max_seq_length: int, doc_stride: int,
-                           pad_to_max_length: bool = False) -> list[dict]:
-    """Tokenise question + context windows and locate the answer's start / end token in each window."""
+def _windows(examples: Sequence[dict], tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool):
+    """Question + context tokenised into overlapping windows: (encoding, window → example, offsets)."""
     _check_tokenizer(tokenizer)
     questions = [ex["question"].lstrip() for ex in examples]
     contexts = [ex["context"] for ex in examples]
     enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_seq_length, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True,
                     padding="max_length" if pad_to_max_length else False)
-    sample_map = enc.pop("overflow_to_sample_mapping")
-    offsets_all = enc.pop("offset_mapping")
+    return enc, enc.pop("overflow_to_sample_mapping"), enc.pop("offset_mapping")
+
+
+def prepare_train_features(examples: Sequence[dict], tokenizer, max_seq_length: int, doc_stride: int,
+                           pad_to_max_length: bool = False) -> list[dict]:
+    """Tokenise question + context windows and locate the answer's start / end token in each window."""
+    enc, sample_map, offsets_all = _windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
     features = []
     for i, offsets in enumerate(offsets_all):
         input_ids = enc["input_ids"][i]
@@ -75,14 +79,7 @@ def prepare_train_features(examples: Sequence[dict], tokenizer, max_seq_length: 
 def prepare_eval_features(examples: Sequence[dict], tokenizer, max_seq_length: int, doc_stride: int,
                           pad_to_max_length: bool = False) -> tuple[list[dict], list[dict]]:
     """Model inputs per window, and per window its example id and the context offsets (None outside it)."""
-    _check_tokenizer(tokenizer)
-    questions = [ex["question"].lstrip() for ex in examples]
-    contexts = [ex["context"] for ex in examples]
-    enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_seq_length, stride=doc_stride,
-                    return_overflowing_tokens=True, return_offsets_mapping=True,
-                    padding="max_length" if pad_to_max_length else False)
-    sample_map = enc.pop("overflow_to_sample_mapping")
-    offsets_all = enc.pop("offset_mapping")
+    enc, sample_map, offsets_all = _windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
     features, meta = [], []
     for i, offsets in enumerate(offsets_all):
         seq_ids = enc.sequence_ids(i)
