@@ -74,6 +74,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     q.add_argument("--sparsity_warm_epochs", type=float, default=0.0, help="epochs of training before pruning")
     q.add_argument("--cooldown_epochs", type=float, default=0.0, help="epochs of training after pruning ends")
 
+    q.add_argument("--auto_slim", action="store_true",
+                   help="prune FFN channels (channelx1) and attention heads (mha) found automatically, then "
+                        "remove them physically and report the latency before and after")
+    q.add_argument("--ffn2_sparsity", type=float, default=0.5, help="with --auto_slim: FFN channels to prune")
+    q.add_argument("--mha_sparsity", type=float, default=0.5, help="with --auto_slim: attention heads to prune")
+
     k = p.add_argument_group("distillation")
     k.add_argument("--distill_loss_weight", type=float, default=0.0,
                    help="> 0: distil from the dense teacher; the distillation loss replaces the task loss")

@@ -19,6 +19,7 @@ import torch
 
 from prunekit.recipes import outputs as out_mod
 from prunekit.recipes.common import RecipeError, check_model_source, default_data_dir, resolve_model_path, set_seed
+from prunekit.recipes import slimming as slim_step
 from prunekit.recipes.prune_config import build_pruning_config, describe
 from prunekit.recipes.steps import StepPlan, plan_steps
 from prunekit.recipes.train import (
@@ -113,7 +114,8 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     transformers.utils.logging.disable_progress_bar()
     _check_values(args)
     out_dir = out_mod.check_output_dir(args.output_dir, args.overwrite_output_dir)
-    if args.do_prune:
+    slim_step.check_args(args)
+    if args.do_prune and not args.auto_slim:
         build_pruning_config(args, _dry_plan())  # a pattern / target / key that cannot work fails now
     args.data_dir = args.data_dir or default_data_dir()
     model_path = resolve_model_path(args.model_name_or_path)
@@ -145,9 +147,11 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     if args.max_train_steps:
         epochs = args.max_train_steps / plan.steps_per_epoch
         plan = plan_steps(n_train, args.per_device_train_batch_size, epochs, **plan_kw)
-    config = build_pruning_config(args, plan) if args.do_prune else None
+    config = build_pruning_config(args, plan) if args.do_prune and not args.auto_slim else None
 
     model = _load_model(task.model_class, model_path, args, env, **task.model_kwargs)
+    if args.auto_slim:  # the structures come from the model's dataflow
+        config = slim_step.auto_slim_config(args, plan, model)
     teacher = None
     if teacher_path is not None:
         teacher = _load_model(task.model_class, teacher_path, args, env, **task.model_kwargs)
@@ -251,11 +255,31 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     })
     if in_sync is not None:
         metrics["ddp_ranks_in_sync"] = in_sync
+    if args.auto_slim:
+        sample = task.train_collate([task.train_dataset[i] for i in
+                                     range(min(args.per_device_eval_batch_size, len(task.train_dataset)))])
+        sample = {k: v.to(env.device) for k, v in sample.items() if isinstance(v, torch.Tensor)}
+        pruning_state = pruning.state_dict()  # the masks as trained, before the model changes shape
+        slimmed = slim_step.slim_and_time(model, pruning, sample)
+        after_metrics, dt = timed(task.evaluate, model, env)
+        eval_time += dt
+        slimmed["final_after_slim"] = after_metrics
+        metrics["slim"] = slimmed
+        metrics["time"]["eval_s"] = eval_time
+        logger.info("slimmed\n%s\nlatency %.1f ms -> %.1f ms (%.2fx), %s after slimming",
+                    slimmed.pop("table"), 1e3 * slimmed["latency_before_s"], 1e3 * slimmed["latency_after_s"],
+                    slimmed["speedup"], _fmt(after_metrics))
 
     if env.is_main:
-        out_mod.save_model(model, tokenizer, out_dir)
+        if args.auto_slim:  # per-layer widths differ: save with the shapes so load_slimmed can rebuild them
+            from prunekit.slimming import save_slimmed
+
+            save_slimmed(model, out_dir)
+            tokenizer.save_pretrained(out_dir)
+        else:
+            out_mod.save_model(model, tokenizer, out_dir)
         if pruning is not None:
-            torch.save(pruning.state_dict(), out_dir / "pruning_state.pt")
+            torch.save(pruning_state if args.auto_slim else pruning.state_dict(), out_dir / "pruning_state.pt")
         out_mod.write_json(out_dir / "sparsity_report.json", out_mod.report_dict(report))
         out_mod.write_json(out_dir / "history.json", result.history)
         out_mod.plot_report(out_dir / "sparsity_report.png", report, result.history,
