@@ -82,7 +82,8 @@ class Pruning:
                 owner[layer.name] = pruner.name
 
     @property
-    def layers(self):
+    def layers(self) -> list:
+        """Every pruned layer of every pruner."""
         return [layer for pruner in self.pruners for layer in pruner.layers]
 
     # --- callbacks -------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def reduce_dims(t: torch.Tensor, dims: Sequence[int], how: str) -> torch.Tensor:
         if t.shape[d] > 1:  # size-1 axes need no pass (1x1 keeps the view)
             count *= t.shape[d]
             t = _reduce_one(t, d, how)
-    return t / count if how == "mean" and count > 1 else t
+    return t.div_(count) if how == "mean" and count > 1 else t
 
 
 class BoundPattern(ABC):

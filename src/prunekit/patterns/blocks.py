@@ -45,6 +45,8 @@ class BlockBound(BoundPattern):
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """Split the out and in axes into (blocks, block size); always a view, whatever the memory format."""
+        if t.is_contiguous():  # the common case, one call (this runs for every layer on every step)
+            return t.view(self.split_shape)
         for axis, block in self._blocks:  # highest axis first, so lower axis indices stay valid
             t = t.unflatten(axis, (t.shape[axis] // block, block))
         return t
