@@ -97,6 +97,8 @@ def run(pattern: str, steps: int, batch: int, seq: int) -> dict:
         # the noise of timing two different steps
         "hook_mean_s": statistics.mean(hook_per_step),
         "hook_fraction": statistics.mean(hook_per_step) / statistics.mean(times["plain"]),
+        # a step without an event (the median step): the steady per-step cost
+        "hook_median_s": statistics.median(hook_per_step),
         "median_ratio": statistics.median(ratios),
         "mask_update_mean_s": statistics.mean(events) if events else None,
         "mask_update_max_s": max(events) if events else None,
