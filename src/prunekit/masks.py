@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from prunekit.patterns.base import BoundPattern
+from prunekit.patterns.base import BoundPattern, reduce_dims
 
 MASK_SUFFIX = "_prune_mask"
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -159,6 +159,14 @@ class PrunedLayer:
         for value in optimizer.state.get(self.weight, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
                 self.bound.apply_(value, self.multiplier(value))
+
+    @torch.no_grad()
+    def shrink_blocks_(self, threshold: float) -> None:
+        """Group-lasso proximal step: each block's weights shrink toward zero by ``threshold`` in L2 norm, and
+        a block whose norm is below it becomes exactly zero (w ← w · max(0, 1 − t/‖w_block‖))."""
+        view = self.bound.view(self.weight.data)
+        norms = reduce_dims(view.square(), self.bound.within, "sum").sqrt_()
+        view.mul_((1.0 - threshold / norms.clamp_min(1e-30)).clamp_(min=0.0))
 
     def detach(self) -> None:
         """Remove the mask buffer (the zeros stay in the weight)."""

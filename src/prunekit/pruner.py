@@ -13,7 +13,7 @@ from torch import nn
 from prunekit.criteria import CRITERIA
 from prunekit.errors import ConfigError, SelectionError
 from prunekit.masks import PrunedLayer
-from prunekit.patterns import parse_pattern
+from prunekit.patterns import BlockPattern, parse_pattern
 from prunekit.patterns.heads import HeadPattern, head_layers
 from prunekit.ranking import Quota, allocate, lowest
 from prunekit.schedules import Schedule
@@ -44,13 +44,13 @@ class Pruner:
 
     def __init__(self, model: nn.Module, config: "PrunerConfig", name: str = "pruner0") -> None:
         self.config, self.name = config, name
-        if config.reg_type is not None:
-            raise ConfigError("reg_type", config.reg_type, "allowed: null (group lasso is not available in this "
-                                                           "release; the original's version diverged to NaN)")
         if config.progressive:
             warnings.warn(f"prunekit: {config.pruning_type}: progressive mask interpolation is not implemented; "
                           f"running the plain {config.criterion} schedule", stacklevel=3)
         self.pattern = parse_pattern(config.pattern)
+        if config.reg_type is not None and not isinstance(self.pattern, BlockPattern):
+            raise ConfigError("reg_type", config.reg_type, f"group_lasso works on block patterns (NxM, channelxM, "
+                                                           f"Nxchannel), not on {config.pattern!r}")
         self.layers, self.skipped = self._bind_layers(model)
         self.criterion = CRITERIA.get(config.criterion)(low_memory_usage=config.low_memory_usage)
         self.schedule = Schedule(config.start_step, config.end_step, config.pruning_frequency,
@@ -96,6 +96,19 @@ class Pruner:
         next_event = self.schedule.start_step if offset <= 0 else \
             self.schedule.start_step + -(-offset // freq) * freq
         return next_event - step <= self.criterion.horizon
+
+    # --- regularisation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def regularize(self, step: int, lr_of: Callable[[torch.nn.Parameter], float]) -> None:
+        """Group lasso inside [start_step, end_step]: a proximal shrink of every block by lr · reg_coeff, after
+        the optimizer step (the original's gradient-norm version diverged to NaN; this cannot)."""
+        cfg = self.config
+        if cfg.reg_type is None or cfg.reg_coeff == 0.0:
+            return
+        if not self.schedule.start_step <= step <= self.schedule.end_step:
+            return
+        for layer in self.layers:
+            layer.shrink_blocks_(lr_of(layer.weight) * cfg.reg_coeff)
 
     # --- events ----------------------------------------------------------------------------------------------
     def current_sparsity(self) -> float:

@@ -132,6 +132,8 @@ class Pruning:
             with torch.no_grad():
                 for layer in self.layers:
                     layer.apply_()
+        for pruner in self.pruners:
+            pruner.regularize(self.global_step, self._lr_of)
         self.global_step += 1
         self._in_step = False
         self._run_due_events(need_ready=True)
@@ -151,6 +153,13 @@ class Pruning:
         if print_report:
             print(report.table())
         return report
+
+    def _lr_of(self, param: torch.nn.Parameter) -> float:
+        """The learning rate the optimizer applies to ``param`` (1.0 when the optimizer is not known)."""
+        for group in (self.optimizer.param_groups if self.optimizer is not None else []):
+            if any(p is param for p in group["params"]):
+                return float(group["lr"])
+        return 1.0
 
     # --- events ----------------------------------------------------------------------------------------------
     def _run_due_events(self, need_ready: bool) -> None:
