@@ -65,6 +65,8 @@ class PrunedLayer:
         # this runs on every step; rebuilt whenever the mask, device or dtype changes (not under packing)
         self._multiplier: torch.Tensor | None = None
         self._multiplier_source: torch.Tensor | None = None
+        # while a progressive event interpolates, an element-wise keep-mask replaces the block mask
+        self._partial: torch.Tensor | None = None
         patterns = dict(getattr(module, _PATTERN_ATTR, {}))
         patterns[param_name] = spec
         setattr(module, _PATTERN_ATTR, patterns)
@@ -88,6 +90,17 @@ class PrunedLayer:
         mask = mask.reshape(self.bound.mask_shape)
         getattr(self.module, self.buffer).copy_(pack_bits(mask) if self.packed else mask)
         self._multiplier = None
+
+    def set_partial(self, keep: torch.Tensor | None) -> None:
+        """Mask element-wise with ``keep`` (weight-shaped bool) until cleared with None."""
+        self._partial = None if keep is None else keep.to(self.weight.device)
+        self._multiplier = None
+
+    def _mul_(self, t: torch.Tensor) -> None:
+        if self._partial is not None:
+            t.mul_(self._partial.to(t.dtype))
+        else:
+            self.bound.apply_(t, self.multiplier(t))
 
     def multiplier(self, like: torch.Tensor) -> torch.Tensor:
         """The mask ready to multiply ``like`` (a weight-shaped tensor) with."""
@@ -143,22 +156,21 @@ class PrunedLayer:
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero the pruned weights."""
-        data = self.weight.data
-        self.bound.apply_(data, self.multiplier(data))
+        self._mul_(self.weight.data)
 
     @torch.no_grad()
     def mask_grad_(self) -> None:
         """Zero the gradients of pruned weights, so optimizer state does not build up behind them."""
         grad = self.weight.grad
         if grad is not None:
-            self.bound.apply_(grad, self.multiplier(grad))
+            self._mul_(grad)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero momentum-like optimizer state of pruned weights (e.g. Adam's moments) after an event."""
         for value in optimizer.state.get(self.weight, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
-                self.bound.apply_(value, self.multiplier(value))
+                self._mul_(value)
 
     @torch.no_grad()
     def shrink_blocks_(self, threshold: float) -> None:

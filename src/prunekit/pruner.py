@@ -15,6 +15,7 @@ from prunekit.errors import ConfigError, SelectionError
 from prunekit.masks import PrunedLayer
 from prunekit.patterns import BlockPattern, parse_pattern
 from prunekit.patterns.heads import HeadPattern, head_layers
+from prunekit.progressive import Progression
 from prunekit.ranking import Quota, allocate, lowest
 from prunekit.schedules import Schedule
 from prunekit.selection import select
@@ -44,9 +45,6 @@ class Pruner:
 
     def __init__(self, model: nn.Module, config: "PrunerConfig", name: str = "pruner0") -> None:
         self.config, self.name = config, name
-        if config.progressive:
-            warnings.warn(f"prunekit: {config.pruning_type}: progressive mask interpolation is not implemented; "
-                          f"running the plain {config.criterion} schedule", stacklevel=3)
         self.pattern = parse_pattern(config.pattern)
         if config.reg_type is not None and not isinstance(self.pattern, BlockPattern):
             raise ConfigError("reg_type", config.reg_type, f"group_lasso works on block patterns (NxM, channelxM, "
@@ -56,6 +54,7 @@ class Pruner:
         self.schedule = Schedule(config.start_step, config.end_step, config.pruning_frequency,
                                  min(config.target_sparsity, config.max_sparsity_ratio_per_op),
                                  config.sparsity_decay_type)
+        self.progression = self._progression()
         self.initial_sparsity = 0.0
         self.last_event_step: int | None = None
         self.history: list[Event] = []
@@ -79,10 +78,31 @@ class Pruner:
             raise SelectionError(f"{self.name}: every selected layer was left dense: {skipped}")
         return layers, skipped
 
+    def _progression(self) -> Progression | None:
+        cfg, sched = self.config, self.schedule
+        if not cfg.progressive:
+            return None
+        reason = None
+        if not isinstance(self.pattern, BlockPattern):
+            reason = f"pattern {cfg.pattern!r} is not a block or channel pattern"
+        elif min(l.bound.unit_zeros for l in self.layers) < 4:
+            reason = f"blocks of pattern {cfg.pattern!r} hold fewer than 4 weights"
+        elif sched.frequency == 1 or sched.end_step - sched.start_step <= 4:
+            reason = "pruning_frequency is 1 or the pruning window is 4 steps or fewer"
+        if reason:  # the original fell back to plain pruning in these cases too; say so
+            warnings.warn(f"prunekit: {cfg.pruning_type}: {reason}; running without progressive interpolation",
+                          stacklevel=4)
+            return None
+        phases = min(4, sched.frequency)
+        return Progression(phases, sched.frequency // phases)
+
     # --- schedule --------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
-        """Whether an event is scheduled at ``step`` and has not run yet."""
-        return self.last_event_step != step and self.schedule.event_index(step) is not None
+        """Whether an event (or a progressive phase) is scheduled at ``step`` and has not run yet."""
+        if self.last_event_step == step:
+            return False
+        return self.schedule.event_index(step) is not None or (
+            self.progression is not None and self.progression.due(step))
 
     def ready(self) -> bool:
         return self.criterion.locks or self.criterion.ready
@@ -124,6 +144,13 @@ class Pruner:
         """Run the event scheduled at ``step``: new masks, applied to the weights."""
         began = time.perf_counter()
         index = self.schedule.event_index(step)
+        if index is None and self.progression is not None and self.progression.due(step):
+            self.last_event_step = step
+            self.progression.advance(step, self.layers)
+            for layer in self.layers:
+                layer.apply_()
+            return Event(step, self.history[-1].target if self.history else 0.0, self.current_sparsity(),
+                         time.perf_counter() - began)
         if index is None:
             raise RuntimeError(f"{self.name}: no pruning event is scheduled at step {step}")
         self.last_event_step = step
@@ -138,7 +165,10 @@ class Pruner:
         if self.criterion.locks or (index == 0 and not self.schedule.oneshot):
             target = self.initial_sparsity
         elif target > 0.0:
+            old = [layer.mask.clone() for layer in self.layers] if self.progression is not None else None
             self._rank(self.pattern.to_unit_ratio(target))
+            if old is not None:
+                self.progression.begin(step, self.layers, old)
         for layer in self.layers:
             layer.apply_()
         event = Event(step, target, self.current_sparsity(), time.perf_counter() - began)
@@ -195,6 +225,7 @@ class Pruner:
             "last_event_step": self.last_event_step,
             "initial_sparsity": self.initial_sparsity,
             "history": [(e.step, e.target, e.sparsity, e.seconds) for e in self.history],
+            "progression": self.progression.state_dict() if self.progression is not None else None,
         }
 
     @torch.no_grad()
@@ -219,3 +250,7 @@ class Pruner:
         self.last_event_step = state["last_event_step"]
         self.initial_sparsity = state["initial_sparsity"]
         self.history = [Event(*e) for e in state["history"]]
+        if self.progression is not None and state.get("progression") is not None:
+            self.progression.load_state_dict(state["progression"], self.layers)
+            for layer in self.layers:
+                layer.apply_()
