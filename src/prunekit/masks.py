@@ -137,8 +137,8 @@ class PrunedLayer:
 
         ``buffer(like)`` supplies the float32 ``out`` tensor the term is written into.
         """
-        weight = self.weight.detach()
-        grad = self.weight.grad
+        weight = self.weight  # callers run under no_grad, so no detach is needed
+        grad = weight.grad
         if needs_grad and grad is None:
             return None
         return self.bound.reduce_abs(term(weight, grad, buffer(weight)))

@@ -69,16 +69,23 @@ class GradientCriterion(Criterion):
     def __init__(self, low_memory_usage: bool = False) -> None:
         super().__init__(low_memory_usage)
         self._scratch = torch.empty(0)
+        self._views: dict[tuple, torch.Tensor] = {}
 
     @abstractmethod
     def step_term(self, weight: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Signed element-wise importance of this step, written into ``out``; its absolute value is scored."""
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
-        # one reusable float32 buffer: a fresh layer-sized allocation every step costs page faults on CPU
-        if self._scratch.numel() < like.numel() or self._scratch.device != like.device:
-            self._scratch = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
-        return self._scratch[: like.numel()].view(like.shape)
+        # one reusable float32 buffer: a fresh layer-sized allocation every step costs page faults on CPU; the
+        # per-shape views of it are kept too (this runs for every layer on every step)
+        key = (tuple(like.shape), like.device)
+        view = self._views.get(key)
+        if view is None:
+            if self._scratch.numel() < like.numel() or self._scratch.device != like.device:
+                self._scratch = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+                self._views.clear()
+            view = self._views[key] = self._scratch[: like.numel()].view(like.shape)
+        return view
 
     @torch.no_grad()
     def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
