@@ -135,10 +135,6 @@ class Pruner:
         """Element sparsity of this pruner's layers, as the masks say."""
         return sum(layer.zeros() for layer in self.layers) / max(1, sum(l.numel for l in self.layers))
 
-    def _unit_sparsity(self) -> float:
-        pruned = sum(l.bound.pruned_units(l.mask) for l in self.layers)
-        return pruned / max(1, sum(l.num_units for l in self.layers))
-
     @torch.no_grad()
     def prune(self, step: int) -> Event:
         """Run the event scheduled at ``step``: new masks, applied to the weights."""
