@@ -93,12 +93,14 @@ class PrunedLayer:
 
     def set_partial(self, keep: torch.Tensor | None) -> None:
         """Mask element-wise with ``keep`` (weight-shaped bool) until cleared with None."""
-        self._partial = None if keep is None else keep.to(self.weight.device)
+        weight = self.weight
+        # cast once to the weight's dtype: the step hooks multiply by it on every step of a phase
+        self._partial = None if keep is None else keep.to(device=weight.device, dtype=weight.dtype)
         self._multiplier = None
 
     def _mul_(self, t: torch.Tensor) -> None:
         if self._partial is not None:
-            t.mul_(self._partial.to(t.dtype))
+            t.mul_(self._partial if self._partial.dtype == t.dtype else self._partial.to(t.dtype))
         else:
             self.bound.apply_(t, self.multiplier(t))
 

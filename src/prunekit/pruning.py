@@ -54,6 +54,7 @@ class Pruning:
         self.model = model
         self.config: PruningConfig = load_config(config)
         self.pruners: list[Pruner] = []
+        self._layers: list | None = None
         try:
             for i, c in enumerate(self.config.pruners):
                 self.pruners.append(Pruner(model, c, f"pruner{i}"))
@@ -83,8 +84,10 @@ class Pruning:
 
     @property
     def layers(self) -> list:
-        """Every pruned layer of every pruner."""
-        return [layer for pruner in self.pruners for layer in pruner.layers]
+        """Every pruned layer of every pruner (built once: the step hooks walk it on every step)."""
+        if self._layers is None or len(self._layers) != sum(len(p.layers) for p in self.pruners):
+            self._layers = [layer for pruner in self.pruners for layer in pruner.layers]
+        return self._layers
 
     # --- callbacks -------------------------------------------------------------------------------------------
     def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
