@@ -74,7 +74,9 @@ class PrunedLayer:
     # --- state -----------------------------------------------------------------------------------------------
     @property
     def weight(self) -> nn.Parameter:
-        return getattr(self.module, self.param_name)
+        # the parameter dict directly: nn.Module.__getattr__ is a slow fallback, and this runs on every step
+        param = self.module._parameters.get(self.param_name)
+        return param if param is not None else getattr(self.module, self.param_name)
 
     @property
     def device(self) -> torch.device:
@@ -160,9 +162,10 @@ class PrunedLayer:
         """Zero the pruned weights."""
         self._mul_(self.weight.data)
 
-    @torch.no_grad()
     def mask_grad_(self) -> None:
-        """Zero the gradients of pruned weights, so optimizer state does not build up behind them."""
+        """Zero the gradients of pruned weights, so optimizer state does not build up behind them.
+
+        (No ``no_grad`` needed: a ``.grad`` tensor is never part of a graph, and this runs on every step.)"""
         grad = self.weight.grad
         if grad is not None:
             self._mul_(grad)

@@ -34,8 +34,8 @@ class Quota:
         return self.n if self.hi is None else self.hi
 
 
-def _keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
-    """Float scores → int32 keys with the same order (signed comparison).
+def _signed_keys(scores: torch.Tensor, name: str = "") -> tuple[torch.Tensor, bool]:
+    """Float scores → (int32 keys with the same order under signed comparison, whether all keys are >= 0).
 
     Non-negative floats already compare like their bit patterns, so the common case (|W|, |W·G|) is a free view;
     negative scores get their magnitude bits flipped.
@@ -45,14 +45,20 @@ def _keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
         x = x.float()
     bits = x.view(torch.int32)
     if x.numel() == 0:
-        return bits
+        return bits, True
     low, high = torch.aminmax(bits)  # one pass answers both "any sign bit?" and "any positive NaN?"
     if high > _POSITIVE_INF_BITS or (low < 0 and bool(torch.isnan(x).any())):
         raise ValueError(f"scores of layer {name!r} contain NaN: training diverged or a gradient is not finite")
     if low < 0:  # a sign bit is set (negative scores or -0.0): flip magnitudes, make -0.0 equal +0.0
         bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         bits = bits.masked_fill(bits == -1, 0)
-    return bits
+        return bits, bool(bits.min() >= 0)
+    return bits, True
+
+
+def _keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
+    """Float scores → int32 keys with the same order (signed comparison)."""
+    return _signed_keys(scores, name)[0]
 
 
 class _Keys:
@@ -60,8 +66,13 @@ class _Keys:
 
     def __init__(self, source: ScoreSource, name: str, hold: bool) -> None:
         self.source, self.name = source, name
-        self.held = _keys(source(), name) if hold else None
+        self.held: torch.Tensor | None = None
+        # non-negative keys (|W|, |W·G|: the common case) need no offset for the signed top digit
+        self.held_nonneg = False
+        if hold:
+            self.held, self.held_nonneg = _signed_keys(source(), name)
         self._candidates: tuple[int, int, torch.Tensor] | None = None  # (prefix, bits, keys with that prefix)
+        self.top: tuple[int, torch.Tensor] | None = None  # (bits, top digits of the held keys) from the first pass
 
     def chunks(self):
         if self.held is not None:
@@ -83,7 +94,11 @@ class _Keys:
             base = self._candidates[2]
         else:
             base = self.held
-        narrowed = base[(base >> (32 - bits)) == prefix]
+        if base is self.held and self.top is not None and self.top[0] == bits:
+            narrowed = base[self.top[1] == prefix]  # the first pass's digits: no second shift of every key
+        else:
+            narrowed = base[(base >> (32 - bits)) == prefix]
+        self.top = None
         self._candidates = (prefix, bits, narrowed)
         yield narrowed
 
@@ -99,6 +114,11 @@ def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> t
         bins = 1 << width
         hist = torch.zeros(len(layers), bins, dtype=torch.int64)
         for i, layer in enumerate(layers):
+            if not done and layer.held_nonneg:  # top digits of non-negative keys fill the upper half
+                top = layer.held >> shift
+                layer.top = (width, top)
+                hist[i, bins >> 1:] += torch.bincount(top, minlength=bins >> 1)
+                continue
             for keys in (layer.with_prefix(prefix, done) if done else layer.chunks()):
                 if done:
                     digits = (keys >> shift) & (bins - 1)

@@ -38,7 +38,7 @@ class Criterion(ABC):
 
     @abstractmethod
     def layer_scores(self, layer: "PrunedLayer") -> torch.Tensor:
-        """Scores of ``layer`` at ``layer.bound.score_shape``, float32."""
+        """Scores of ``layer`` at ``layer.bound.score_shape``, float32 (``score_scale`` applied)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": {k: v.clone() for k, v in self.scores.items()}}
@@ -105,4 +105,5 @@ class GradientCriterion(Criterion):
         score = self.scores.get(layer.name)
         if score is None:  # a layer that never received a gradient: rank it as unimportant
             return torch.zeros(layer.score_shape, device=layer.device)
-        return score.float()
+        scale = layer.bound.score_scale
+        return score.float() if scale == 1.0 else score.float() * scale

@@ -51,6 +51,9 @@ class BoundPattern(ABC):
     needs_scores_for_mask: bool = False
     #: whether the mask has one entry per weight element (1x1, N:M), so bit-packing it pays
     elementwise_mask: bool = False
+    #: stored scores times this are the scores the config's reduce type asks for: a ``mean`` is accumulated as
+    #: a sum and divided once per event, not once per step (it is the same number up to rounding)
+    score_scale: float = 1.0
 
     def __init__(self, shape: Sequence[int], layout: WeightLayout, reduce: str) -> None:
         self.shape = tuple(int(s) for s in shape)
@@ -62,10 +65,12 @@ class BoundPattern(ABC):
 
     @abstractmethod
     def reduce_scores(self, elem: torch.Tensor) -> torch.Tensor:
-        """Element scores (weight-shaped) → the granularity a criterion accumulates (``score_shape``)."""
+        """Element scores (weight-shaped) → the granularity a criterion accumulates (``score_shape``), before
+        the :attr:`score_scale` factor."""
 
     def reduce_abs(self, x: torch.Tensor) -> torch.Tensor:
-        """``reduce_scores(|x|)``; ``x`` is a scratch tensor that may be overwritten."""
+        """``reduce_scores(|x|)``, to be multiplied by :attr:`score_scale`; ``x`` is a scratch tensor that may be
+        overwritten."""
         return self.reduce_scores(x.abs_())
 
     @abstractmethod

@@ -42,6 +42,9 @@ class BlockBound(BoundPattern):
         self.unit_zeros = unit_zeros
         self.num_units = self.numel // unit_zeros
         self.elementwise_mask = unit_zeros == 1
+        # the step path sums a block; the division of a mean waits for the event (see score_scale)
+        self._how = "sum" if reduce == "mean" else reduce
+        self.score_scale = 1.0 / unit_zeros if reduce == "mean" else 1.0
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """Split the out and in axes into (blocks, block size); always a view, whatever the memory format."""
@@ -52,7 +55,7 @@ class BlockBound(BoundPattern):
         return t
 
     def reduce_scores(self, elem: torch.Tensor) -> torch.Tensor:
-        return reduce_dims(self.view(elem), self.within, self.reduce)
+        return reduce_dims(self.view(elem), self.within, self._how)
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.reshape(-1)

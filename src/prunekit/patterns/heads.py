@@ -50,6 +50,7 @@ class HeadLayer:
     needs_scores_for_mask = False
     elementwise_mask = False
     min_keep_units = 1  # an attention block never loses its last head during training
+    score_scale = 1.0  # head scores are stored as they are ranked
 
     def __init__(self, model: nn.Module, group, reduce: str = "mean") -> None:
         self.group, self.name, self.reduce = group, group.name, reduce
