@@ -5,7 +5,7 @@ tokens, 60 AdamW steps, pruning every 10 steps from 0 to 50, snip_momentum, glob
 4x1 @ 0.9, 2:4 @ 0.5. Prints JSON: per pattern the mean and median step-time ratio pruned/plain and the mean and
 max time of one mask update (pruning event). Targets: mean ratio <= 1.01, one mask update <= 0.05 s.
 
-    python bench/overhead.py [--steps 60] [--patterns 1x1,4x1,2:4]
+    python bench/overhead.py [--steps 60] [--patterns 1x1,4x1,2:4] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -103,7 +103,36 @@ def run(pattern: str, steps: int, batch: int, seq: int) -> dict:
         "mask_update_mean_s": statistics.mean(events) if events else None,
         "mask_update_max_s": max(events) if events else None,
         "events": len(events),
+        "_times": times,
+        "_hooks": hook_per_step,
+        "_events": events,
     }
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One pattern's repeats pooled: the same statistics over every timed step of every repeat."""
+    plain = [t for r in runs for t in r["_times"]["plain"]]
+    pruned = [t for r in runs for t in r["_times"]["pruned"]]
+    hooks = [h for r in runs for h in r["_hooks"]]
+    events = [e for r in runs for e in r["_events"]]
+    ratios = [p / q for p, q in zip(pruned, plain)]
+    out = {k: v for k, v in runs[-1].items() if not k.startswith("_")}
+    out.update({
+        "repeats": len(runs),
+        "plain_mean_s": statistics.mean(plain),
+        "pruned_mean_s": statistics.mean(pruned),
+        "mean_ratio": statistics.mean(pruned) / statistics.mean(plain),
+        "mean_ratio_per_repeat": [
+            round(statistics.mean(r["_times"]["pruned"]) / statistics.mean(r["_times"]["plain"]), 4) for r in runs],
+        "hook_mean_s": statistics.mean(hooks),
+        "hook_fraction": statistics.mean(hooks) / statistics.mean(plain),
+        "hook_median_s": statistics.median(hooks),
+        "median_ratio": statistics.median(ratios),
+        "mask_update_mean_s": statistics.mean(events) if events else None,
+        "mask_update_max_s": max(events) if events else None,
+        "events": len(events),
+    })
+    return out
 
 
 def main() -> None:
@@ -113,9 +142,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--patterns", default="1x1,4x1,2:4")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each pattern's protocol this many times and pool the steps (a shared machine's "
+                             "noise of a few percent averages out)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = [run(p, args.steps, args.batch, args.seq) for p in args.patterns.split(",")]
+    results = [pooled([run(p, args.steps, args.batch, args.seq) for _ in range(args.repeats)])
+               for p in args.patterns.split(",")]
     print(json.dumps({"bench": "overhead", "torch": torch.__version__, "threads": args.threads,
                       "machine": platform.processor() or platform.machine(), "results": results}, indent=2))
 

@@ -27,14 +27,14 @@ class NMBound(BoundPattern):
         axis = self.layout.in_axis
         return t.unflatten(axis, (t.shape[axis] // self.m, self.m))
 
-    def _lowest_n(self, scores: torch.Tensor) -> list[torch.Tensor]:
+    def _lowest_n(self, scores: torch.Tensor, cols: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per position i of the group (a list of M bool tensors): whether element i is among the N lowest
-        scores of its group; ties go to the lower index."""
+        scores of its group; ties go to the lower index. ``cols``: ``_columns(scores)`` when already made."""
         # an event asks twice for the same scores (unit scores, then the mask): compute once
         cached = self._cache
         if cached is not None and cached[0] is scores and cached[1] == scores._version:
             return cached[2]
-        low = self._rank_lowest(scores)
+        low = self._rank_lowest(scores, cols)
         self._cache = (scores, scores._version, low)
         return low
 
@@ -45,7 +45,7 @@ class NMBound(BoundPattern):
         # are several times slower)
         return list(self.view(t).movedim(self.group_dim, 0).contiguous().unbind(0))
 
-    def _rank_lowest(self, scores: torch.Tensor) -> list[torch.Tensor]:
+    def _rank_lowest(self, scores: torch.Tensor, cols: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         g = self.group_dim
         if self.m > 16:
             order = torch.argsort(self.view(scores.float()), dim=g, stable=True)
@@ -53,7 +53,7 @@ class NMBound(BoundPattern):
             return list(low.unbind(g))
         # small M: rank_i = #{j : s_j < s_i, or s_j == s_i and j < i}. One comparison per pair i < j serves
         # both: s_j < s_i counts for i, its complement (s_i <= s_j) for j; rank_j starts at j (all i < j)
-        cols = self._columns(scores.float())
+        cols = cols if cols is not None else self._columns(scores.float())
         ranks = [torch.full_like(c, i, dtype=torch.uint8) for i, c in enumerate(cols)]
         for i in range(self.m):
             for j in range(i + 1, self.m):
@@ -67,7 +67,7 @@ class NMBound(BoundPattern):
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         cols = self._columns(scores.float())
-        low = self._lowest_n(scores)
+        low = self._lowest_n(scores, cols)
         if self.reduce == "max":
             picked = torch.stack([c.masked_fill(~l, float("-inf")) for c, l in zip(cols, low)]).amax(dim=0)
         else:
