@@ -67,6 +67,8 @@ class PrunedLayer:
         self._multiplier_source: torch.Tensor | None = None
         # while a progressive event interpolates, an element-wise keep-mask replaces the block mask
         self._partial: torch.Tensor | None = None
+        # nothing pruned yet (warm-up before the first event): the per-step multiplications are skipped
+        self._all_kept = bool(self.mask.all())
         patterns = dict(getattr(module, _PATTERN_ATTR, {}))
         patterns[param_name] = spec
         setattr(module, _PATTERN_ATTR, patterns)
@@ -92,6 +94,7 @@ class PrunedLayer:
         mask = mask.reshape(self.bound.mask_shape)
         getattr(self.module, self.buffer).copy_(pack_bits(mask) if self.packed else mask)
         self._multiplier = None
+        self._all_kept = bool(mask.all())
 
     def set_partial(self, keep: torch.Tensor | None) -> None:
         """Mask element-wise with ``keep`` (weight-shaped bool) until cleared with None."""
@@ -103,7 +106,7 @@ class PrunedLayer:
     def _mul_(self, t: torch.Tensor) -> None:
         if self._partial is not None:
             t.mul_(self._partial if self._partial.dtype == t.dtype else self._partial.to(t.dtype))
-        else:
+        elif not self._all_kept:
             self.bound.apply_(t, self.multiplier(t))
 
     def multiplier(self, like: torch.Tensor) -> torch.Tensor:
