@@ -176,6 +176,26 @@ def test_gradient_criteria_scores_follow_their_formulas(criterion):
         assert torch.allclose(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-9), name
 
 
+@pytest.mark.parametrize("pattern,reduce", [("4x1", "mean"), ("1xchannel", "mean"), ("4x1", "sum"),
+                                            ("channelx1", "max")])
+def test_block_scores_read_back_with_the_configured_reduction(pattern, reduce):
+    """Block means are accumulated as sums and divided at read time: what a criterion hands to the ranking is
+    the configured reduction of |W| over each block (channels of different lengths must compare as means)."""
+    model = MLP(sizes=(16, 32, 8, 32, 4))  # fc2 and fc3 have rows of different lengths
+    pruning = prunekit.Pruning(model, {"pattern": pattern, "pruning_type": "magnitude",
+                                       "criterion_reduce_type": reduce, "start_step": 5, "end_step": 5})
+    crit = pruning.pruners[0].criterion
+    for layer in pruning.layers:
+        w = layer.weight.detach().abs()
+        out, inn = w.shape
+        rows, cols = {"4x1": (4, 1), "1xchannel": (1, inn), "channelx1": (out, 1)}[pattern]
+        blocks = w.reshape(out // rows, rows, inn // cols, cols)
+        expected = {"mean": blocks.mean(dim=(1, 3)), "sum": blocks.sum(dim=(1, 3)),
+                    "max": blocks.amax(dim=(1, 3))}[reduce]
+        got = crit.layer_scores(layer).reshape(expected.shape)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), layer.name
+
+
 @pytest.mark.parametrize("criterion,horizon", [("snip", 1), ("snip_momentum", 132)])
 def test_gradients_too_early_or_after_the_last_event_are_not_scored(criterion, horizon):
     """Scores are only read at events: a latest-step criterion needs only the step before an event, a momentum
