@@ -55,7 +55,7 @@ ORIGINAL = {
 }
 
 # pattern name -> (pattern, target, pruning type). The original ran 1xchannel with snip_momentum_progressive;
-# prunekit has no progressive interpolation yet, so it runs plain snip_momentum.
+# the CPU runs used plain snip_momentum (add "--pruning_type snip_momentum_progressive" via --extra for the former).
 PATTERNS = {
     "4x1": ("4x1", 0.9, "snip_momentum"),
     "2:4": ("2:4", 0.5, "snip_momentum"),
@@ -128,7 +128,10 @@ PRESETS = {
     },
 }
 
-RUN_NAMES = ["dense"] + [f"{p}{s}" for p in PATTERNS for s in ("-kd", "")]
+# "-kd": the task's default distillation (GLUE: last-hidden-state MSE, SQuAD: start/end logit KL); "-kd-logit"
+# (GLUE only): temperature-scaled KL on the logits instead
+KD_VARIANTS = {"-kd": [], "-kd-logit": ["--distill_loss", "logit_kl"], "": None}
+RUN_NAMES = ["dense"] + [f"{p}{s}" for p in PATTERNS for s in KD_VARIANTS]
 
 
 def build_runs(task: str, preset: str, out: Path, threads: int, extra: list[str]) -> list[tuple[str, list[str]]]:
@@ -142,13 +145,15 @@ def build_runs(task: str, preset: str, out: Path, threads: int, extra: list[str]
                        "--output_dir", str(dense_dir), *extra])]
     for name, (pattern, target, ptype) in PATTERNS.items():
         target = spec.get("targets", {}).get(name, target)
-        for kd in (True, False):
-            run = f"{name}{'-kd' if kd else ''}"
+        for suffix, kd_flags in KD_VARIANTS.items():
+            if suffix == "-kd-logit" and spec["cmd"] != "prunekit-glue":
+                continue
+            run = f"{name}{suffix}"
             flags = [spec["cmd"], "--model_name_or_path", str(dense_dir), *spec["data"], *common, *spec["prune"],
                      "--do_prune", "--pruning_pattern", pattern, "--target_sparsity", str(target),
                      "--pruning_type", ptype]
-            if kd:
-                flags += ["--distill_loss_weight", str(spec["distill"])]
+            if kd_flags is not None:
+                flags += ["--distill_loss_weight", str(spec["distill"]), *kd_flags]
             flags += ["--output_dir", str(task_dir / run.replace(":", "in")), *extra]
             runs.append((run, flags))
     return runs
