@@ -56,6 +56,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for variant in VARIANTS:
             _train(rank, world, out_dir, variant)
         _unsynced(rank, out_dir)
+        # a broadcast's source can finish before its receivers: tearing the group down then closes sockets a
+        # receiver still reads, and gloo aborts that process at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
