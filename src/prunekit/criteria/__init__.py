@@ -21,9 +21,7 @@ class Magnitude(Criterion):
     def layer_scores(self, layer) -> torch.Tensor:
         # a fresh buffer per layer: an event may hold every layer's scores at once
         fresh = lambda like: torch.empty(like.shape, dtype=torch.float32, device=like.device)  # noqa: E731
-        scores = layer.reduced_scores(lambda w, g, out: out.copy_(w), fresh, needs_grad=False)
-        scale = layer.bound.score_scale
-        return scores if scale == 1.0 else scores.mul_(scale)
+        return self.scaled(layer, layer.reduced_scores(lambda w, g, out: out.copy_(w), fresh, needs_grad=False))
 
 
 @CRITERIA.register("gradient")

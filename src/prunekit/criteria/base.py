@@ -40,6 +40,12 @@ class Criterion(ABC):
     def layer_scores(self, layer: "PrunedLayer") -> torch.Tensor:
         """Scores of ``layer`` at ``layer.bound.score_shape``, float32 (``score_scale`` applied)."""
 
+    @staticmethod
+    def scaled(layer: "PrunedLayer", scores: torch.Tensor) -> torch.Tensor:
+        """Accumulated float32 scores → the configured reduction (a block mean is stored as a sum)."""
+        scale = layer.bound.score_scale
+        return scores if scale == 1.0 else scores * scale
+
     def state_dict(self) -> dict[str, Any]:
         return {"scores": {k: v.clone() for k, v in self.scores.items()}}
 
@@ -105,5 +111,4 @@ class GradientCriterion(Criterion):
         score = self.scores.get(layer.name)
         if score is None:  # a layer that never received a gradient: rank it as unimportant
             return torch.zeros(layer.score_shape, device=layer.device)
-        scale = layer.bound.score_scale
-        return score.float() if scale == 1.0 else score.float() * scale
+        return self.scaled(layer, score.float())
