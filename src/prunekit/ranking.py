@@ -35,7 +35,7 @@ class Quota:
 
 
 def _signed_keys(scores: torch.Tensor, name: str = "") -> tuple[torch.Tensor, bool]:
-    """Float scores → (int32 keys with the same order under signed comparison, whether all keys are >= 0).
+    """Float scores → (int32 keys with the same order under signed comparison, True when all are known >= 0).
 
     Non-negative floats already compare like their bit patterns, so the common case (|W|, |W·G|) is a free view;
     negative scores get their magnitude bits flipped.
@@ -52,7 +52,7 @@ def _signed_keys(scores: torch.Tensor, name: str = "") -> tuple[torch.Tensor, bo
     if low < 0:  # a sign bit is set (negative scores or -0.0): flip magnitudes, make -0.0 equal +0.0
         bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         bits = bits.masked_fill(bits == -1, 0)
-        return bits, bool(bits.min() >= 0)
+        return bits, False  # the signed-digit path is right for any keys; no extra pass to find out more
     return bits, True
 
 
