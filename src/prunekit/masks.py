@@ -160,9 +160,9 @@ class PrunedLayer:
         self.set_mask(self.bound.lock_mask(self.weight))
 
     # --- masking ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def apply_(self) -> None:
-        """Zero the pruned weights."""
+        """Zero the pruned weights (through ``.data``, which autograd never records: no ``no_grad`` needed, and
+        optimizers that do not keep zeros at zero call this on every step)."""
         self._mul_(self.weight.data)
 
     def mask_grad_(self) -> None:
