@@ -134,27 +134,33 @@ KD_VARIANTS = {"-kd": [], "-kd-logit": ["--distill_loss", "logit_kl"], "": None}
 RUN_NAMES = ["dense"] + [f"{p}{s}" for p in PATTERNS for s in KD_VARIANTS]
 
 
-def build_runs(task: str, preset: str, out: Path, threads: int, extra: list[str]) -> list[tuple[str, list[str]]]:
+def build_runs(task: str, preset: str, out: Path, threads: int, extra: list[str],
+               seed: int = 42) -> list[tuple[str, list[str]]]:
+    """(run name, command) for every run of ``task``. The dense fine-tune always uses seed 42 (every pruning run
+    starts from its checkpoint); a pruning ``seed`` other than 42 adds ``-s<seed>`` to the run directories, so
+    repeats of a cell sit beside each other instead of being skipped as done."""
     spec = PRESETS[preset][task]
-    common = ["--data_dir", str(DATA), "--seed", "42", "--per_device_eval_batch_size", "64", "--disable_tqdm"]
+    common = ["--data_dir", str(DATA), "--per_device_eval_batch_size", "64", "--disable_tqdm"]
     if preset == "cpu":
         common += ["--cpu", "--num_threads", str(threads)]
     task_dir = out / f"{task}-{preset}"
     dense_dir = task_dir / "dense"
-    runs = [("dense", [spec["cmd"], "--model_name_or_path", spec["model"], *spec["data"], *common, *spec["dense"],
-                       "--output_dir", str(dense_dir), *extra])]
+    runs = [("dense", [spec["cmd"], "--model_name_or_path", spec["model"], *spec["data"], *common, "--seed", "42",
+                       *spec["dense"], "--output_dir", str(dense_dir), *extra])]
+    seed_suffix = "" if seed == 42 else f"-s{seed}"
     for name, (pattern, target, ptype) in PATTERNS.items():
         target = spec.get("targets", {}).get(name, target)
         for suffix, kd_flags in KD_VARIANTS.items():
             if suffix == "-kd-logit" and spec["cmd"] != "prunekit-glue":
                 continue
             run = f"{name}{suffix}"
-            flags = [spec["cmd"], "--model_name_or_path", str(dense_dir), *spec["data"], *common, *spec["prune"],
+            flags = [spec["cmd"], "--model_name_or_path", str(dense_dir), *spec["data"], *common, "--seed", str(seed),
+                     *spec["prune"],
                      "--do_prune", "--pruning_pattern", pattern, "--target_sparsity", str(target),
                      "--pruning_type", ptype]
             if kd_flags is not None:
                 flags += ["--distill_loss_weight", str(spec["distill"]), *kd_flags]
-            flags += ["--output_dir", str(task_dir / run.replace(":", "in")), *extra]
+            flags += ["--output_dir", str(task_dir / (run.replace(":", "in") + seed_suffix)), *extra]
             runs.append((run, flags))
     return runs
 
@@ -169,7 +175,7 @@ def run_all(args) -> int:
     launcher = shlex.split(args.launcher) if args.launcher else []
     extra = shlex.split(args.extra) if args.extra else []
     for task in args.task:
-        for name, flags in build_runs(task, args.preset, out, args.threads, extra):
+        for name, flags in build_runs(task, args.preset, out, args.threads, extra, args.seed):
             if name not in selected:
                 continue
             run_dir = Path(flags[flags.index("--output_dir") + 1])
@@ -243,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="/tmp/prunekit-bench")
     p.add_argument("--runs", default=None, help=f"comma-separated subset of {RUN_NAMES}")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42, help="seed of the pruning runs (the dense fine-tune keeps 42)")
     p.add_argument("--launcher", default=None, help='e.g. "torchrun --nproc_per_node 8" for a multi-GPU run')
     p.add_argument("--extra", default=None, help="more flags for every command, e.g. \"--max_train_samples 20000\"")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
