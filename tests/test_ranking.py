@@ -14,6 +14,14 @@ from prunekit.ranking import allocate as engine_allocate
 
 HYP = settings(max_examples=50, deadline=None)
 
+
+@pytest.fixture(autouse=True, scope="module", params=["kernel", "eager"])
+def _radix_path(request):
+    """Every ranking test runs on both histogram paths: the fused CPU kernel (when it builds) and eager."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_CPU_KERNELS", "1" if request.param == "kernel" else "0")
+        yield request.param
+
 # floats that stress the key mapping: signed zeros, subnormals, infinities, huge and tiny magnitudes, ties
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, 3.4e38, -3.4e38, float("inf"), float("-inf"), 0.5, 2.0]
 score = st.one_of(st.sampled_from(SPECIAL), st.floats(width=32, allow_nan=False))

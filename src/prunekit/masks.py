@@ -90,11 +90,12 @@ class PrunedLayer:
         stored = getattr(self.module, self.buffer)
         return unpack_bits(stored, self.bound.mask_shape) if self.packed else stored
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_mask(self, mask: torch.Tensor, all_kept: bool | None = None) -> None:
+        """Store a keep-mask; ``all_kept``: whether it keeps everything, when the caller already knows."""
         mask = mask.reshape(self.bound.mask_shape)
         getattr(self.module, self.buffer).copy_(pack_bits(mask) if self.packed else mask)
         self._multiplier = None
-        self._all_kept = bool(mask.all())
+        self._all_kept = bool(mask.all()) if all_kept is None else all_kept
 
     def set_partial(self, keep: torch.Tensor | None) -> None:
         """Mask element-wise with ``keep`` (weight-shaped bool) until cleared with None."""
@@ -153,8 +154,10 @@ class PrunedLayer:
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return self.bound.unit_scores(scores)
 
-    def set_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> None:
-        self.set_mask(self.bound.mask_from_pruned_units(pruned.to(self.device), scores))
+    def set_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None, count: int | None = None) -> None:
+        """Mask the units flagged in ``pruned`` (flat bool; ``count``: how many, when known)."""
+        self.set_mask(self.bound.mask_from_pruned_units(pruned.to(self.device), scores),
+                      None if count is None else count == 0)
 
     def lock_existing_zeros(self) -> None:
         self.set_mask(self.bound.lock_mask(self.weight))

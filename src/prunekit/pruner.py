@@ -195,21 +195,23 @@ class Pruner:
 
         if cfg.pruning_scope == "local":
             ratio = max(unit_target, lo_ratio)
-            pruned = [lambda s=s, l=l: lowest(s, min(round(ratio * l.num_units), cap(l)), l.num_units, l.name, hold)
-                      for s, l in zip(sources, self.layers)]
+            counts = [min(round(ratio * l.num_units), cap(l)) for l in self.layers]
+            pruned = [lambda s=s, l=l, c=c: lowest(s, c, l.num_units, l.name, hold)
+                      for s, l, c in zip(sources, self.layers, counts)]
         else:
             quotas = [Quota(l.num_units, min(round(lo_ratio * l.num_units), cap(l)), cap(l)) for l in self.layers]
             k = round(unit_target * sum(q.n for q in quotas))
             selections = allocate(sources, quotas, k, names, hold)
             pruned = [sel.mask for sel in selections]
-            if sum(sel.count for sel in selections) < k:
+            counts = [sel.count for sel in selections]
+            if sum(counts) < k:
                 warnings.warn(f"prunekit: {self.name} cannot reach unit sparsity {unit_target:.4f}: "
                               f"max_sparsity_ratio_per_op={cfg.max_sparsity_ratio_per_op} caps every layer",
                               stacklevel=3)
         for i, layer in enumerate(self.layers):
             # N:M chooses *which* N of each group from element scores; block masks need no scores
             scores = self.criterion.layer_scores(layer) if layer.bound.needs_scores_for_mask else None
-            layer.set_pruned_units(pruned[i](), scores)  # one layer's selection in memory at a time
+            layer.set_pruned_units(pruned[i](), scores, counts[i])  # one layer's selection in memory at a time
 
     # --- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

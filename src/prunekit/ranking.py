@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from prunekit.kernels import cpu_kernels, radix_hist_
+
 CHUNK = 1 << 24
 _POSITIVE_INF_BITS = 0x7F800000  # positive floats above this bit pattern are NaN
 _PASSES = (11, 11, 10)
@@ -103,8 +105,27 @@ class _Keys:
         yield narrowed
 
 
+def _hist_pass(row: torch.Tensor, keys: torch.Tensor, done: int, prefix: int, width: int,
+               narrowed: bool = False) -> None:
+    """``row`` += the histogram of the next ``width``-bit digit of the keys whose top ``done`` bits are
+    ``prefix`` (``narrowed``: all of them are). The fused CPU kernel reads every key once; the eager form
+    filters first."""
+    if not narrowed and radix_hist_(keys, row, done, prefix, width):
+        return
+    shift, bins = 32 - done - width, 1 << width
+    if done:
+        if not narrowed:
+            keys = keys[(keys >> (32 - done)) == prefix]
+        row += torch.bincount((keys >> shift) & (bins - 1), minlength=bins)
+    else:  # the top digit is signed: shift it into [0, bins)
+        row += torch.bincount((keys >> shift) + (bins >> 1), minlength=bins)
+
+
 def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Smallest key τ with Σ clamp(count_l(≤τ), lo, hi) ≥ k. Returns τ, count(<τ) and count(≤τ) per layer."""
+    # with the CPU kernel one read of every key per pass beats narrowing to the candidates (a boolean index
+    # over every key costs several reads)
+    fused = cpu_kernels() is not None
     lo = torch.tensor([q.lo for q in quotas], dtype=torch.int64)
     hi = torch.tensor([q.cap for q in quotas], dtype=torch.int64)
     below = torch.zeros(len(layers), dtype=torch.int64)
@@ -114,17 +135,14 @@ def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> t
         bins = 1 << width
         hist = torch.zeros(len(layers), bins, dtype=torch.int64)
         for i, layer in enumerate(layers):
-            if not done and layer.held_nonneg:  # top digits of non-negative keys fill the upper half
+            if not fused and not done and layer.held_nonneg:  # top digits of non-negative keys: upper half
                 top = layer.held >> shift
                 layer.top = (width, top)
                 hist[i, bins >> 1:] += torch.bincount(top, minlength=bins >> 1)
                 continue
-            for keys in (layer.with_prefix(prefix, done) if done else layer.chunks()):
-                if done:
-                    digits = (keys >> shift) & (bins - 1)
-                else:  # the top digit is signed: shift it into [0, bins)
-                    digits = (keys >> shift) + (bins >> 1)
-                hist[i] += torch.bincount(digits, minlength=bins)
+            narrowed = bool(done) and not fused  # eager: later passes see only the previous pass's candidates
+            for keys in (layer.with_prefix(prefix, done) if narrowed else layer.chunks()):
+                _hist_pass(hist[i], keys, done, prefix, width, narrowed)
         cum = below[:, None] + hist.cumsum(dim=1)
         filled = torch.minimum(torch.maximum(cum, lo[:, None]), hi[:, None]).sum(dim=0)
         digit = min(int(torch.searchsorted(filled, torch.tensor([k], dtype=torch.int64)).item()), bins - 1)

@@ -28,6 +28,8 @@ class Magnitude(Criterion):
 class Gradient(GradientCriterion):
     """|G| of the latest optimizer step."""
 
+    fused_term = False
+
     def step_term(self, weight: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(grad)
 
@@ -35,6 +37,8 @@ class Gradient(GradientCriterion):
 @CRITERIA.register("snip")
 class Snip(GradientCriterion):
     """|W·G| of the latest optimizer step (Lee et al., 2019)."""
+
+    fused_term = True
 
     def step_term(self, weight: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.mul(weight, grad, out=out)

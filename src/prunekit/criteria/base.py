@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from prunekit.kernels import score_step_
+
 if TYPE_CHECKING:  # pragma: no cover
     from prunekit.pruner import PrunedLayer
 
@@ -59,6 +61,14 @@ class GradientCriterion(Criterion):
     needs_grad = True
     #: weight of the old score when a new step is folded in (0 = keep only the latest step)
     momentum: float = 0.0
+    #: the step term as the fused CPU kernel knows it: True = W·G, False = G, None = no fused form
+    fused_term: bool | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a subclass with its own step_term computes something the kernel does not, unless it says otherwise
+        if "step_term" in cls.__dict__ and "fused_term" not in cls.__dict__:
+            cls.fused_term = None
 
     @property
     def ready(self) -> bool:
@@ -93,9 +103,30 @@ class GradientCriterion(Criterion):
             view = self._views[key] = self._scratch[: like.numel()].view(like.shape)
         return view
 
+    def _fused_step(self, layer: "PrunedLayer") -> bool:
+        """The whole update of one layer in one pass of the CPU kernel; False when it does not apply."""
+        tiles = layer.bound.tiles
+        if tiles is None or self.fused_term is None or self.score_dtype != torch.float32:
+            return False
+        weight = layer.weight
+        grad = weight.grad
+        if grad is None:
+            return False
+        old = self.scores.get(layer.name)
+        fresh = old is None
+        if fresh:
+            old = torch.empty(layer.score_shape, dtype=torch.float32, device=grad.device)
+        momentum = 0.0 if fresh else self.momentum  # momentum 0: the kernel overwrites without reading
+        if not score_step_(weight if self.fused_term else None, grad, old, tiles, momentum):
+            return False
+        self.scores[layer.name] = old
+        return True
+
     @torch.no_grad()
     def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
         for layer in layers:
+            if self._fused_step(layer):
+                continue
             term = layer.reduced_scores(self.step_term, self._buffer, needs_grad=True)
             if term is None:  # no gradient reached this layer in this step
                 continue

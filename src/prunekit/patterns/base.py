@@ -54,6 +54,10 @@ class BoundPattern(ABC):
     #: stored scores times this are the scores the config's reduce type asks for: a ``mean`` is accumulated as
     #: a sum and divided once per event, not once per step (it is the same number up to rounding)
     score_scale: float = 1.0
+    #: (rows, cols, tile rows, tile cols) when the stored scores are plain tile *sums* of a 2-D weight read as a
+    #: (rows, cols) matrix, laid out as a (rows / tile rows, cols / tile cols) matrix: the fused CPU kernel
+    #: (prunekit.kernels) can then update them in one pass. None: only the eager path applies.
+    tiles: tuple[int, int, int, int] | None = None
 
     def __init__(self, shape: Sequence[int], layout: WeightLayout, reduce: str) -> None:
         self.shape = tuple(int(s) for s in shape)

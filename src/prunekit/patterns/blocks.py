@@ -45,6 +45,9 @@ class BlockBound(BoundPattern):
         # the step path sums a block; the division of a mean waits for the event (see score_scale)
         self._how = "sum" if reduce == "mean" else reduce
         self.score_scale = 1.0 / unit_zeros if reduce == "mean" else 1.0
+        if len(self.shape) == 2 and self._how == "sum":
+            tile = dict(self._blocks)
+            self.tiles = (self.shape[0], self.shape[1], tile[0], tile[1])
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """Split the out and in axes into (blocks, block size); always a view, whatever the memory format."""

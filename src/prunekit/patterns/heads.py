@@ -51,6 +51,7 @@ class HeadLayer:
     elementwise_mask = False
     min_keep_units = 1  # an attention block never loses its last head during training
     score_scale = 1.0  # head scores are stored as they are ranked
+    tiles = None  # scores span several weights: no fused per-weight kernel
 
     def __init__(self, model: nn.Module, group, reduce: str = "mean") -> None:
         self.group, self.name, self.reduce = group, group.name, reduce
@@ -145,8 +146,8 @@ class HeadLayer:
     def mask_from_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         return ~pruned.reshape(self.mask_shape)
 
-    def set_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> None:
-        self.set_mask(self.mask_from_pruned_units(pruned.to(self.device), scores))
+    def set_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None, count: int | None = None) -> None:
+        self.set_mask(self.mask_from_pruned_units(pruned.to(self.device), scores))  # head masks are tiny
 
     @torch.no_grad()
     def lock_existing_zeros(self) -> None:

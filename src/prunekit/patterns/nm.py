@@ -22,6 +22,8 @@ class NMBound(BoundPattern):
         self._cache: tuple[torch.Tensor, int, list[torch.Tensor]] | None = None
         self.unit_zeros = n
         self.num_units = self.numel // m
+        if len(self.shape) == 2:  # element scores: 1x1 tiles
+            self.tiles = (self.shape[0], self.shape[1], 1, 1)
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         axis = self.layout.in_axis

@@ -1,0 +1,153 @@
+"""The optional fused CPU kernels (prunekit.kernels) against the eager PyTorch path they replace."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prunekit
+from prunekit import kernels
+from prunekit.criteria import CRITERIA
+from prunekit.patterns import parse_pattern
+from prunekit.layouts import WeightLayout
+from prunekit.ranking import _hist_pass
+
+from conftest import MLP
+
+HYP = settings(max_examples=40, deadline=None)
+LINEAR_LAYOUT = WeightLayout(out_axis=0, in_axis=1)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = kernels.cpu_kernels()
+    if module is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail("a C++ compiler is installed but the prunekit CPU kernels did not build")
+        pytest.skip("no C++ compiler: the eager path is the only one")
+    return module
+
+
+def eager_hist(keys: torch.Tensor, done: int, prefix: int, width: int) -> torch.Tensor:
+    bins = 1 << width
+    shift = 32 - done - width
+    if done:
+        keys = keys[(keys >> (32 - done)) == prefix]
+        return torch.bincount((keys >> shift) & (bins - 1), minlength=bins)
+    return torch.bincount((keys >> shift) + (bins >> 1), minlength=bins)
+
+
+@HYP
+@given(values=st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=300),
+       width=st.sampled_from([10, 11]), done=st.sampled_from([0, 11, 21]), pick=st.integers(0, 299))
+def test_radix_hist_matches_bincount(ext, values, width, done, pick):
+    keys = torch.tensor(values, dtype=torch.int32)
+    prefix = int(keys[pick % len(values)]) >> (32 - done) if done else 0
+    hist = torch.zeros(1 << width, dtype=torch.int64)
+    assert kernels.radix_hist_(keys, hist, done, prefix, width)
+    assert torch.equal(hist, eager_hist(keys, done, prefix, width))
+    again = hist.clone()
+    kernels.radix_hist_(keys, hist, done, prefix, width)  # accumulates, like the eager `+=`
+    assert torch.equal(hist, 2 * again)
+
+
+@HYP
+@given(tile_rows=st.integers(1, 5), tile_cols=st.integers(1, 5), row_tiles=st.integers(1, 6),
+       col_tiles=st.integers(1, 6), weighted=st.booleans(), momentum=st.sampled_from([0.0, 0.9]))
+def test_score_step_matches_eager_tile_sums(ext, tile_rows, tile_cols, row_tiles, col_tiles, weighted, momentum):
+    rows, cols = tile_rows * row_tiles, tile_cols * col_tiles
+    w, g = torch.randn(rows, cols), torch.randn(rows, cols)
+    old = torch.rand(row_tiles, col_tiles)
+    # momentum 0 must not read the old scores at all: NaN there would leak into the result
+    scores = torch.full_like(old, float("nan")) if momentum == 0.0 else old.clone()
+    assert kernels.score_step_(w if weighted else None, g, scores, (rows, cols, tile_rows, tile_cols), momentum)
+    term = (w * g).abs() if weighted else g.abs()
+    expected = term.view(row_tiles, tile_rows, col_tiles, tile_cols).sum(dim=(1, 3))
+    if momentum:
+        expected = expected + momentum * old
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_decline_what_they_do_not_cover(ext):
+    scores = torch.zeros(2, 2)
+    assert not kernels.score_step_(None, torch.zeros(4, 4, dtype=torch.float64), scores, (4, 4, 2, 2), 0.9)
+    assert not kernels.score_step_(None, torch.zeros(4, 4).t(), scores, (4, 4, 2, 2), 0.9)  # not contiguous
+    hist = torch.zeros(2048, dtype=torch.int64)
+    assert not kernels.radix_hist_(torch.zeros(8, dtype=torch.int64), hist, 0, 0, 11)
+    assert torch.count_nonzero(hist) == 0 and torch.count_nonzero(scores) == 0
+
+
+def test_switch_off_by_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.cpu_kernels() is None
+    hist = torch.zeros(4, dtype=torch.int64)
+    assert not kernels.radix_hist_(torch.tensor([1, 2], dtype=torch.int32), hist, 0, 0, 2)
+    _hist_pass(hist, torch.tensor([1, 2, -1], dtype=torch.int32), 0, 0, 2)  # the eager fallback still counts
+    assert int(hist.sum()) == 3
+
+
+@pytest.mark.parametrize("spec", ["1x1", "4x1", "2:4", "1xchannel", "channelx1"])
+def test_patterns_declare_their_tiles(spec):
+    bound = parse_pattern(spec).bind((16, 32), LINEAR_LAYOUT, "mean")
+    rows, cols, th, tw = bound.tiles
+    assert (rows, cols) == (16, 32)
+    expected_tile = {"1x1": (1, 1), "4x1": (4, 1), "2:4": (1, 1), "1xchannel": (1, 32), "channelx1": (16, 1)}
+    assert (th, tw) == expected_tile[spec]
+    assert tuple(bound.score_shape) in ((16 // th, 1, 32 // tw, 1), (16, 32))
+    assert parse_pattern("4x1").bind((16, 32), LINEAR_LAYOUT, "max").tiles is None  # max is not a tile sum
+
+
+def test_a_subclass_with_its_own_term_leaves_the_kernel():
+    class Custom(CRITERIA.get("snip_momentum")):
+        def step_term(self, weight, grad, out):
+            return torch.mul(weight, weight, out=out)
+
+    assert Custom.fused_term is None and CRITERIA.get("snip_momentum").fused_term is True
+
+
+def _train(pattern: str, target: float) -> tuple[list[torch.Tensor], dict]:
+    torch.manual_seed(0)
+    model = MLP(sizes=(16, 32, 32, 32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = {"target_sparsity": target, "pattern": pattern, "pruning_type": "snip_momentum",
+              "start_step": 2, "end_step": 12, "pruning_frequency": 2, "pruning_op_types": ["Linear"]}
+    pruning = prunekit.prepare_pruning(model, config, opt)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(14):
+        x = torch.randn(8, 16, generator=gen)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return [layer.mask.clone() for layer in pruning.layers], pruning.state_dict()
+
+
+@pytest.mark.parametrize("pattern,target", [("1x1", 0.9), ("4x1", 0.75), ("2:4", 0.5)])
+def test_training_with_and_without_kernels_gives_the_same_masks(ext, monkeypatch, pattern, target):
+    import prunekit.criteria.base as criterion_base
+    import prunekit.ranking as ranking
+
+    used = {"score": 0, "hist": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            done = fn(*args, **kwargs)
+            used[name] += int(done)
+            return done
+        return wrapper
+
+    monkeypatch.setattr(criterion_base, "score_step_", counting("score", kernels.score_step_))
+    monkeypatch.setattr(ranking, "radix_hist_", counting("hist", kernels.radix_hist_))
+    fused_masks, fused_state = _train(pattern, target)
+    assert used["score"] > 0 and used["hist"] > 0, used  # the run really took the kernel path
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    eager_masks, eager_state = _train(pattern, target)
+    for a, b in zip(fused_masks, eager_masks):
+        assert torch.equal(a, b)
+    scores_a = fused_state["pruners"][0]["criterion"]["scores"]
+    scores_b = eager_state["pruners"][0]["criterion"]["scores"]
+    for name in scores_a:  # the same numbers up to float rounding (summation order differs)
+        torch.testing.assert_close(scores_a[name], scores_b[name], rtol=1e-5, atol=1e-7)
