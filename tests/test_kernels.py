@@ -13,6 +13,7 @@ from prunekit import kernels
 from prunekit.criteria import CRITERIA
 from prunekit.patterns import parse_pattern
 from prunekit.layouts import WeightLayout
+from prunekit.masks import PrunedLayer
 from prunekit.ranking import _hist_pass
 
 from conftest import MLP
@@ -56,19 +57,29 @@ def test_radix_hist_matches_bincount(ext, values, width, done, pick):
 
 @HYP
 @given(tile_rows=st.integers(1, 5), tile_cols=st.integers(1, 5), row_tiles=st.integers(1, 6),
-       col_tiles=st.integers(1, 6), weighted=st.booleans(), momentum=st.sampled_from([0.0, 0.9]))
-def test_score_step_matches_eager_tile_sums(ext, tile_rows, tile_cols, row_tiles, col_tiles, weighted, momentum):
+       col_tiles=st.integers(1, 6), weighted=st.booleans(), momentum=st.sampled_from([0.0, 0.9]),
+       masked=st.booleans())
+def test_score_step_matches_eager_tile_sums(ext, tile_rows, tile_cols, row_tiles, col_tiles, weighted, momentum,
+                                            masked):
     rows, cols = tile_rows * row_tiles, tile_cols * col_tiles
     w, g = torch.randn(rows, cols), torch.randn(rows, cols)
+    grad_before = g.clone()
     old = torch.rand(row_tiles, col_tiles)
+    keep = (torch.rand(row_tiles, col_tiles) > 0.5).float() if masked else None
     # momentum 0 must not read the old scores at all: NaN there would leak into the result
     scores = torch.full_like(old, float("nan")) if momentum == 0.0 else old.clone()
-    assert kernels.score_step_(w if weighted else None, g, scores, (rows, cols, tile_rows, tile_cols), momentum)
-    term = (w * g).abs() if weighted else g.abs()
+    assert kernels.score_step_(w if weighted else None, g, scores, (rows, cols, tile_rows, tile_cols), momentum,
+                               keep)
+    term = (w * grad_before).abs() if weighted else grad_before.abs()  # scored from the unmasked gradient
     expected = term.view(row_tiles, tile_rows, col_tiles, tile_cols).sum(dim=(1, 3))
     if momentum:
         expected = expected + momentum * old
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    expected_grad = grad_before
+    if masked:
+        expected_grad = (grad_before.view(row_tiles, tile_rows, col_tiles, tile_cols)
+                         * keep.view(row_tiles, 1, col_tiles, 1)).view(rows, cols)
+    assert torch.equal(g, expected_grad)
 
 
 def test_kernels_decline_what_they_do_not_cover(ext):
@@ -140,9 +151,12 @@ def test_training_with_and_without_kernels_gives_the_same_masks(ext, monkeypatch
         return wrapper
 
     monkeypatch.setattr(criterion_base, "score_step_", counting("score", kernels.score_step_))
+    real_keep = PrunedLayer.fused_keep
+    monkeypatch.setattr(PrunedLayer, "fused_keep",
+                        lambda self: (used.__setitem__("keep", used.get("keep", 0) + 1), real_keep(self))[1])
     monkeypatch.setattr(ranking, "radix_hist_", counting("hist", kernels.radix_hist_))
     fused_masks, fused_state = _train(pattern, target)
-    assert used["score"] > 0 and used["hist"] > 0, used  # the run really took the kernel path
+    assert used["score"] > 0 and used["hist"] > 0 and used["keep"] > 0, used  # the kernel path really ran
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     eager_masks, eager_state = _train(pattern, target)
     for a, b in zip(fused_masks, eager_masks):

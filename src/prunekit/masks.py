@@ -110,6 +110,14 @@ class PrunedLayer:
         elif not self._all_kept:
             self.bound.apply_(t, self.multiplier(t))
 
+    def fused_keep(self) -> tuple[bool, torch.Tensor | None]:
+        """Whether the gradient mask can ride along a fused score update, and the keep values to multiply by
+        (laid out like the scores; None when nothing is pruned). Not during a progressive phase or with
+        bit-packed masks: those take :meth:`mask_grad_`."""
+        if self._partial is not None or self.packed:
+            return False, None
+        return True, None if self._all_kept else self.multiplier(self.weight)
+
     def multiplier(self, like: torch.Tensor) -> torch.Tensor:
         """The mask ready to multiply ``like`` (a weight-shaped tensor) with."""
         if self.packed:

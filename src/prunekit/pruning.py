@@ -121,13 +121,17 @@ class Pruning:
                 self._missing_after_warned = True
             self._after_step()
         with torch.no_grad():
+            # the gradient mask may ride along the score update, unless an event changes the masks in between
+            fuse = not any(pruner.due(self.global_step) for pruner in self.pruners)
+            masked: set[int] = set()
             for pruner in self.pruners:
                 # scores are only read at events: skip steps too early to matter and those after the last event
                 if pruner.wants_gradients(self.global_step):
-                    pruner.criterion.accumulate(pruner.layers)
+                    masked |= pruner.criterion.accumulate(pruner.layers, mask_grads=fuse)
             self._run_due_events(need_ready=False)
             for layer in self.layers:
-                layer.mask_grad_()
+                if id(layer) not in masked:
+                    layer.mask_grad_()
         self._in_step = True
 
     def _after_step(self) -> None:

@@ -35,8 +35,11 @@ class Criterion(ABC):
         """Whether scores exist for ranking now."""
         return True
 
-    def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
-        """Fold the current gradients into the scores (gradient-based criteria only)."""
+    def accumulate(self, layers: Iterable["PrunedLayer"], mask_grads: bool = False) -> set[int]:
+        """Fold the current gradients into the scores (gradient-based criteria only). With ``mask_grads`` a
+        criterion may also apply the layers' gradient masks on the way; it returns the ``id`` of every layer
+        whose gradient it masked (the caller masks the others)."""
+        return set()
 
     @abstractmethod
     def layer_scores(self, layer: "PrunedLayer") -> torch.Tensor:
@@ -103,29 +106,37 @@ class GradientCriterion(Criterion):
             view = self._views[key] = self._scratch[: like.numel()].view(like.shape)
         return view
 
-    def _fused_step(self, layer: "PrunedLayer") -> bool:
-        """The whole update of one layer in one pass of the CPU kernel; False when it does not apply."""
+    def _fused_step(self, layer: "PrunedLayer", mask_grad: bool) -> tuple[bool, bool]:
+        """The whole update of one layer (and its gradient mask) in one pass of the CPU kernel. Returns
+        (scores updated, gradient masked); (False, False) when the kernel does not apply."""
         tiles = layer.bound.tiles
         if tiles is None or self.fused_term is None or self.score_dtype != torch.float32:
-            return False
+            return False, False
         weight = layer.weight
         grad = weight.grad
         if grad is None:
-            return False
+            return False, False
+        keep = None
+        if mask_grad:
+            mask_grad, keep = layer.fused_keep()
         old = self.scores.get(layer.name)
         fresh = old is None
         if fresh:
             old = torch.empty(layer.score_shape, dtype=torch.float32, device=grad.device)
         momentum = 0.0 if fresh else self.momentum  # momentum 0: the kernel overwrites without reading
-        if not score_step_(weight if self.fused_term else None, grad, old, tiles, momentum):
-            return False
+        if not score_step_(weight if self.fused_term else None, grad, old, tiles, momentum, keep):
+            return False, False
         self.scores[layer.name] = old
-        return True
+        return True, mask_grad
 
     @torch.no_grad()
-    def accumulate(self, layers: Iterable["PrunedLayer"]) -> None:
+    def accumulate(self, layers: Iterable["PrunedLayer"], mask_grads: bool = False) -> set[int]:
+        masked: set[int] = set()
         for layer in layers:
-            if self._fused_step(layer):
+            fused, grad_masked = self._fused_step(layer, mask_grads)
+            if grad_masked:
+                masked.add(id(layer))
+            if fused:
                 continue
             term = layer.reduced_scores(self.step_term, self._buffer, needs_grad=True)
             if term is None:  # no gradient reached this layer in this step
@@ -137,6 +148,7 @@ class GradientCriterion(Criterion):
                 torch.add(term, old, alpha=self.momentum, out=old)  # old = term + momentum·old, one pass
             else:
                 old.mul_(self.momentum).add_(term)
+        return masked
 
     def layer_scores(self, layer: "PrunedLayer") -> torch.Tensor:
         score = self.scores.get(layer.name)

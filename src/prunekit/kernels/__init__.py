@@ -61,22 +61,25 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def score_step_(weight: torch.Tensor | None, grad: torch.Tensor, scores: torch.Tensor,
-                tiles: tuple[int, int, int, int], momentum: float) -> bool:
-    """``scores ← momentum·scores + tile_sum(|weight·grad|)`` (``|grad|`` without weight), in place.
+                tiles: tuple[int, int, int, int], momentum: float, keep: torch.Tensor | None = None) -> bool:
+    """``scores ← momentum·scores + tile_sum(|weight·grad|)`` (``|grad|`` without weight), in place; then,
+    with ``keep`` (float, laid out like ``scores``), ``grad`` times its tile's keep value.
 
     ``tiles`` = (rows, cols, tile rows, tile cols): ``grad`` and ``weight`` read as a (rows, cols) matrix,
-    ``scores`` as (rows / tile rows, cols / tile cols). Returns False, touching nothing, when the kernels are
-    unavailable or the tensors are not plain CPU float32 (the caller then runs its eager path).
+    ``scores`` and ``keep`` as (rows / tile rows, cols / tile cols). Returns False, touching nothing, when the
+    kernels are unavailable or a tensor is not plain CPU float32 (the caller then runs its eager path).
     """
     if grad.device.type != "cpu":
         return False
     ext = cpu_kernels()
     if ext is None or not _plain(grad, torch.float32) or not _plain(scores, torch.float32) \
-            or (weight is not None and not _plain(weight, torch.float32)):
+            or (weight is not None and not _plain(weight, torch.float32)) \
+            or (keep is not None and not _plain(keep, torch.float32)):
         return False
     rows, cols, bh, bw = tiles
+    tiled = (rows // bh, cols // bw)
     ext.score_step_(None if weight is None else weight.view(rows, cols), grad.view(rows, cols),
-                    scores.view(rows // bh, cols // bw), bh, bw, float(momentum))
+                    scores.view(tiled), bh, bw, float(momentum), None if keep is None else keep.view(tiled))
     return True
 
 

@@ -20,9 +20,11 @@ void check_float2d(const torch::Tensor& t, const char* what) {
 
 // scores[i, j] = momentum * scores[i, j] + sum over the bh x bw tile (i, j) of |weight * grad|  (|grad| when
 // weight is None). One pass over weight and grad instead of product, abs, tile sum and momentum add.
-// momentum == 0 overwrites scores without reading them (a fresh buffer may hold anything).
-void score_step_(const c10::optional<torch::Tensor>& weight, const torch::Tensor& grad, torch::Tensor& scores,
-                 int64_t bh, int64_t bw, double momentum) {
+// momentum == 0 overwrites scores without reading them (a fresh buffer may hold anything). With `keep` (float,
+// laid out like scores) the gradient is then multiplied by its tile's keep value, row by row while the row is
+// still in cache: the gradient mask costs no pass of its own.
+void score_step_(const c10::optional<torch::Tensor>& weight, torch::Tensor& grad, torch::Tensor& scores,
+                 int64_t bh, int64_t bw, double momentum, const c10::optional<torch::Tensor>& keep) {
   check_float2d(grad, "grad");
   check_float2d(scores, "scores");
   const int64_t rows = grad.size(0), cols = grad.size(1);
@@ -34,7 +36,13 @@ void score_step_(const c10::optional<torch::Tensor>& weight, const torch::Tensor
     TORCH_CHECK(weight->sizes() == grad.sizes(), "weight and grad shapes differ");
     w = weight->data_ptr<float>();
   }
-  const float* g = grad.data_ptr<float>();
+  const float* k = nullptr;
+  if (keep.has_value()) {
+    check_float2d(*keep, "keep");
+    TORCH_CHECK(keep->sizes() == scores.sizes(), "keep and scores shapes differ");
+    k = keep->data_ptr<float>();
+  }
+  float* g = grad.data_ptr<float>();
   float* s = scores.data_ptr<float>();
   const float a = static_cast<float>(momentum);
   const int64_t tile_cols = cols / bw;
@@ -43,9 +51,10 @@ void score_step_(const c10::optional<torch::Tensor>& weight, const torch::Tensor
   at::parallel_for(0, rows / bh, grain, [&](int64_t begin, int64_t end) {
     for (int64_t ti = begin; ti < end; ++ti) {
       float* srow = s + ti * tile_cols;
+      const float* krow = k ? k + ti * tile_cols : nullptr;
       for (int64_t r = 0; r < bh; ++r) {
         const int64_t off = (ti * bh + r) * cols;
-        const float* gr = g + off;
+        float* gr = g + off;
         const float* wr = w ? w + off : nullptr;
         const bool first = r == 0;
         if (bw == 1) {  // one column a tile (1x1, 4x1, N:M): a straight vectorisable loop
@@ -67,6 +76,10 @@ void score_step_(const c10::optional<torch::Tensor>& weight, const torch::Tensor
             else for (int64_t j = 0; j < bw; ++j) acc += std::fabs(gr[c0 + j]);
             srow[tj] = first ? (a == 0.0f ? acc : a * srow[tj] + acc) : srow[tj] + acc;
           }
+        }
+        if (krow) {
+          if (bw == 1) for (int64_t j = 0; j < cols; ++j) gr[j] *= krow[j];
+          else for (int64_t j = 0; j < cols; ++j) gr[j] *= krow[j / bw];
         }
       }
     }
