@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -165,3 +166,26 @@ def test_training_with_and_without_kernels_gives_the_same_masks(ext, monkeypatch
     scores_b = eager_state["pruners"][0]["criterion"]["scores"]
     for name in scores_a:  # the same numbers up to float rounding (summation order differs)
         torch.testing.assert_close(scores_a[name], scores_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    kernels._build.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU kernels unavailable.*no C\\+\\+ compiler"):
+            assert kernels.cpu_kernels() is None
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            assert kernels.cpu_kernels() is None
+        assert not again  # the failed build is not retried on every step
+        scores = torch.zeros(2, 2)
+        assert not kernels.score_step_(None, torch.ones(2, 2), scores, (2, 2, 1, 1), 0.9)
+        masks, _ = _train("4x1", 0.75)  # training still prunes, on the eager path
+        assert all(m.dtype == torch.bool for m in masks) and any(not bool(m.all()) for m in masks)
+    finally:
+        kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
