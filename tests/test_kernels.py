@@ -189,3 +189,30 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         assert all(m.dtype == torch.bool for m in masks) and any(not bool(m.all()) for m in masks)
     finally:
         kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
+
+
+@HYP
+@given(n=st.integers(1, 8), m=st.sampled_from([2, 4, 8, 5, 16]), rows=st.integers(1, 4), groups=st.integers(1, 6),
+       reduce=st.sampled_from(["sum", "mean", "max"]), ties=st.booleans(), data=st.data())
+def test_nm_kernel_matches_the_eager_choice(ext, n, m, rows, groups, reduce, ties, data):
+    n = min(n, m - 1)  # 0 < N < M
+    shape = (rows, groups * m)
+    scores = torch.randint(0, 3, shape).float() if ties else torch.rand(shape)  # ties: lower index first
+    pruned = torch.tensor(data.draw(st.lists(st.booleans(), min_size=rows * groups, max_size=rows * groups)))
+    results = {}
+    for path in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(kernels.ENV_SWITCH, path)
+            bound = parse_pattern(f"{n}:{m}").bind(shape, LINEAR_LAYOUT, reduce)
+            unit = bound.unit_scores(scores)
+            keep = bound.mask_from_pruned_units(pruned, scores)
+        results[path] = (unit, keep)
+        assert keep.shape == shape
+        zeros_per_group = (~keep).view(rows, groups, m).sum(dim=2).reshape(-1)
+        assert torch.equal(zeros_per_group, pruned.long() * n)  # exactly N zeros in every pruned group
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=0, atol=0)
+    assert torch.equal(results["1"][1], results["0"][1])
+
+
+def test_nm_kernel_declines_long_groups(ext):
+    assert kernels.nm_lowest(torch.rand(2, 32), 16, 32, "sum") is None  # M > 16: eager argsort path

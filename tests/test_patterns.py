@@ -29,6 +29,14 @@ KINDS = ("linear", "conv2d", "conv2d_channels_last", "hf_conv1d", "conv_transpos
 HYP = settings(max_examples=30, deadline=None)
 
 
+@pytest.fixture(autouse=True, scope="module", params=["kernel", "eager"])
+def _kernel_path(request):
+    """Every pattern invariant is checked on both paths: the fused CPU kernels (when they build) and eager."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNEKIT_CPU_KERNELS", "1" if request.param == "kernel" else "0")
+        yield request.param
+
+
 # ---- helpers ------------------------------------------------------------------------------------------
 def build(kind: str, out: int, inn: int, k: int = 1) -> nn.Module:
     """A module of ``kind`` with ``out`` output and ``inn`` input channels (kernel k×k for convolutions)."""

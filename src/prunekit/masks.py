@@ -69,6 +69,8 @@ class PrunedLayer:
         self._partial: torch.Tensor | None = None
         # nothing pruned yet (warm-up before the first event): the per-step multiplications are skipped
         self._all_kept = bool(self.mask.all())
+        # pruned units, when the last writer of the mask knew them (an event's selection): no count pass
+        self._pruned_units: int | None = None
         patterns = dict(getattr(module, _PATTERN_ATTR, {}))
         patterns[param_name] = spec
         setattr(module, _PATTERN_ATTR, patterns)
@@ -96,6 +98,7 @@ class PrunedLayer:
         getattr(self.module, self.buffer).copy_(pack_bits(mask) if self.packed else mask)
         self._multiplier = None
         self._all_kept = bool(mask.all()) if all_kept is None else all_kept
+        self._pruned_units = None
 
     def set_partial(self, keep: torch.Tensor | None) -> None:
         """Mask element-wise with ``keep`` (weight-shaped bool) until cleared with None."""
@@ -144,7 +147,8 @@ class PrunedLayer:
 
     def zeros(self) -> int:
         """Elements the mask zeroes."""
-        return self.bound.pruned_units(self.mask) * self.bound.unit_zeros
+        units = self._pruned_units
+        return (self.bound.pruned_units(self.mask) if units is None else units) * self.bound.unit_zeros
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def reduced_scores(self, term: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
@@ -166,6 +170,7 @@ class PrunedLayer:
         """Mask the units flagged in ``pruned`` (flat bool; ``count``: how many, when known)."""
         self.set_mask(self.bound.mask_from_pruned_units(pruned.to(self.device), scores),
                       None if count is None else count == 0)
+        self._pruned_units = count
 
     def lock_existing_zeros(self) -> None:
         self.set_mask(self.bound.lock_mask(self.weight))

@@ -1,9 +1,11 @@
-"""Optional fused CPU kernels for the two hot loops of CPU training (see ``cpu.cpp``).
+"""Optional fused CPU kernels for the hot loops of CPU training and of pruning events (see ``cpu.cpp``).
 
 * :func:`score_step_`: a gradient criterion's per-step update, ``S ← m·S + tile_sum(|W·G|)``, in one pass
   (eager PyTorch needs four: product, ``abs``, tile sum, momentum add).
 * :func:`radix_hist_`: one radix-select histogram pass over the keys with a given prefix, in one read (eager
   PyTorch narrows to the prefix with a comparison and a boolean index over every key first).
+* :func:`nm_lowest` / :func:`nm_keep`: an N:M event's choice of the N lowest of every group and the mask built
+  from it, in one pass each (eager PyTorch compares every pair of positions over the whole tensor).
 
 They are compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler is needed; ~30 s once, then
 cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` by default). Every caller keeps its eager
@@ -95,4 +97,28 @@ def radix_hist_(keys: torch.Tensor, hist: torch.Tensor, done: int, prefix: int, 
     return True
 
 
-__all__ = ["ENV_SWITCH", "enabled", "cpu_kernels", "score_step_", "radix_hist_"]
+_REDUCE = {"sum": 0, "mean": 1, "max": 2}
+
+
+def nm_lowest(scores: torch.Tensor, n: int, m: int, reduce: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For each group of ``m`` consecutive scores (flat order): the ``n`` lowest as a bit set (int32, bit i =
+    position i; ties go to the lower index) and the group's score over them (``sum``/``mean``/``max``).
+    None when the kernels are unavailable or do not cover the input (the caller runs its eager path)."""
+    if scores.device.type != "cpu" or m > 16 or reduce not in _REDUCE:
+        return None
+    ext = cpu_kernels()
+    if ext is None or not _plain(scores, torch.float32):
+        return None
+    unit, bits = ext.nm_lowest(scores.reshape(-1), int(n), int(m), _REDUCE[reduce])
+    return unit, bits
+
+
+def nm_keep(bits: torch.Tensor, pruned: torch.Tensor, m: int) -> torch.Tensor | None:
+    """The flat N:M keep-mask: position i of group g is cut when ``pruned[g]`` and bit i of ``bits[g]``."""
+    ext = cpu_kernels()
+    if ext is None or bits.device.type != "cpu" or not _plain(bits, torch.int32):
+        return None
+    return ext.nm_keep(bits, pruned.to(device="cpu", dtype=torch.bool).contiguous().reshape(-1), int(m))
+
+
+__all__ = ["ENV_SWITCH", "enabled", "cpu_kernels", "score_step_", "radix_hist_", "nm_lowest", "nm_keep"]

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -135,7 +137,97 @@ void radix_hist_(const torch::Tensor& keys, torch::Tensor& hist, int64_t done, i
   for (int32_t b = 0; b < sink; ++b) h[b] += l[b];
 }
 
+namespace {
+
+// One N:M group: rank_i = #{j : x_j < x_i, or x_j == x_i and j < i}; bit i set when rank_i < n. Branch-free, and
+// with M fixed at compile time the loops unroll.
+template <int M>
+inline int32_t nm_group_bits(const float* x, int64_t n, int64_t m_runtime) {
+  const int64_t m = M > 0 ? M : m_runtime;
+  int32_t low = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    int64_t rank = 0;
+    for (int64_t j = 0; j < i; ++j) rank += !(x[i] < x[j]);
+    for (int64_t j = i + 1; j < m; ++j) rank += x[j] < x[i];
+    low |= static_cast<int32_t>(rank < n) << i;
+  }
+  return low;
+}
+
+template <int M>
+void nm_lowest_loop(const float* s, float* u, int32_t* b, int64_t groups, int64_t n, int64_t m_runtime,
+                    int64_t reduce) {
+  const int64_t m = M > 0 ? M : m_runtime;
+  at::parallel_for(0, groups, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const float* x = s + g * m;
+      const int32_t low = nm_group_bits<M>(x, n, m);
+      float acc;
+      if (reduce == 2) {
+        acc = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < m; ++i) if ((low >> i) & 1) acc = std::max(acc, x[i]);
+      } else {
+        acc = 0.0f;
+        for (int64_t i = 0; i < m; ++i) acc += x[i] * static_cast<float>((low >> i) & 1);
+        if (reduce == 1) acc /= static_cast<float>(n);
+      }
+      u[g] = acc;
+      b[g] = low;
+    }
+  });
+}
+
+}  // namespace
+
+// N:M: for every group of m consecutive scores, the n lowest (ties: the lower index) as a bit set, and the
+// group's unit score over them: sum (reduce 0), mean (1) or max (2). The same arithmetic as the eager path
+// (position order, non-chosen scores multiplied by 0), in one pass instead of ~m^2/2 full-tensor comparisons.
+std::vector<torch::Tensor> nm_lowest(const torch::Tensor& scores, int64_t n, int64_t m, int64_t reduce) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == torch::kFloat32 && scores.is_contiguous(),
+              "scores must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(m >= 1 && m <= 16 && n >= 1 && n <= m && scores.numel() % m == 0 && reduce >= 0 && reduce <= 2,
+              "bad N:M parameters");
+  const int64_t groups = scores.numel() / m;
+  auto unit = torch::empty({groups}, scores.options());
+  auto bits = torch::empty({groups}, scores.options().dtype(torch::kInt32));
+  const float* s = scores.data_ptr<float>();
+  float* u = unit.data_ptr<float>();
+  int32_t* b = bits.data_ptr<int32_t>();
+  if (m == 4) nm_lowest_loop<4>(s, u, b, groups, n, m, reduce);  // 2:4, 1:4: the common cases
+  else if (m == 8) nm_lowest_loop<8>(s, u, b, groups, n, m, reduce);
+  else nm_lowest_loop<0>(s, u, b, groups, n, m, reduce);
+  return {unit, bits};
+}
+
+// The N:M keep-mask: element i of group g is pruned when the group is pruned and i is among its n lowest.
+torch::Tensor nm_keep(const torch::Tensor& bits, const torch::Tensor& pruned, int64_t m) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kInt32 && bits.is_contiguous() &&
+              pruned.device().is_cpu() && pruned.scalar_type() == torch::kBool && pruned.is_contiguous() &&
+              pruned.numel() == bits.numel() && m >= 1 && m <= 16, "bad N:M keep arguments");
+  const int64_t groups = bits.numel();
+  auto keep = torch::empty({groups * m}, pruned.options());
+  const int32_t* b = bits.data_ptr<int32_t>();
+  const bool* p = pruned.data_ptr<bool>();
+  bool* k = keep.data_ptr<bool>();
+  auto loop = [&](auto fixed) {
+    constexpr int M = decltype(fixed)::value;
+    const int64_t mm = M > 0 ? M : m;
+    at::parallel_for(0, groups, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int32_t cut = b[g] & -static_cast<int32_t>(p[g]);  // the bit set, or 0 for a kept group
+        for (int64_t i = 0; i < mm; ++i) k[g * mm + i] = !((cut >> i) & 1);
+      }
+    });
+  };
+  if (m == 4) loop(std::integral_constant<int, 4>{});
+  else if (m == 8) loop(std::integral_constant<int, 8>{});
+  else loop(std::integral_constant<int, 0>{});
+  return keep;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nm_lowest", &nm_lowest, "N:M: the n lowest of every group (bit set) and the group scores");
+  m.def("nm_keep", &nm_keep, "N:M keep-mask from the group bit sets and the pruned groups");
   m.def("score_step_", &score_step_, "fused |W*G| tile sum with momentum, in place");
   m.def("radix_hist_", &radix_hist_, "one radix-select histogram pass over int32 keys, in place");
 }

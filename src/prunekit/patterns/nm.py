@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from prunekit.kernels import nm_keep, nm_lowest
 from prunekit.layouts import WeightLayout
 from prunekit.patterns.base import BoundPattern, Pattern, reduce_dims
 
@@ -19,7 +20,10 @@ class NMBound(BoundPattern):
         self.mask_shape = self.score_shape = self.shape
         self.needs_scores_for_mask = True
         self.elementwise_mask = True
-        self._cache: tuple[torch.Tensor, int, list[torch.Tensor]] | None = None
+        # (scores, their version, the eager per-position lists or the kernel's group bit sets)
+        self._cache: tuple[torch.Tensor, int, list[torch.Tensor] | torch.Tensor] | None = None
+        # groups are runs of M consecutive elements in memory (Linear: in is the last axis): the kernel's layout
+        self._flat_groups = layout.in_axis == len(self.shape) - 1
         self.unit_zeros = n
         self.num_units = self.numel // m
         if len(self.shape) == 2:  # element scores: 1x1 tiles
@@ -34,7 +38,8 @@ class NMBound(BoundPattern):
         scores of its group; ties go to the lower index. ``cols``: ``_columns(scores)`` when already made."""
         # an event asks twice for the same scores (unit scores, then the mask): compute once
         cached = self._cache
-        if cached is not None and cached[0] is scores and cached[1] == scores._version:
+        if cached is not None and cached[0] is scores and cached[1] == scores._version \
+                and isinstance(cached[2], list):
             return cached[2]
         low = self._rank_lowest(scores, cols)
         self._cache = (scores, scores._version, low)
@@ -67,7 +72,20 @@ class NMBound(BoundPattern):
     def reduce_scores(self, elem: torch.Tensor) -> torch.Tensor:
         return elem
 
+    def _kernel_pick(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Unit scores from the CPU kernel (caching its bit sets for the mask), or None for the eager path."""
+        if not self._flat_groups:
+            return None
+        picked = nm_lowest(scores.float(), self.n, self.m, self.reduce)
+        if picked is None:
+            return None
+        self._cache = (scores, scores._version, picked[1])
+        return picked[0]
+
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        fused = self._kernel_pick(scores)
+        if fused is not None:
+            return fused
         cols = self._columns(scores.float())
         low = self._lowest_n(scores, cols)
         if self.reduce == "max":
@@ -81,6 +99,13 @@ class NMBound(BoundPattern):
         return picked.reshape(-1)
 
     def mask_from_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        cached = self._cache
+        if cached is not None and cached[0] is scores and cached[1] == scores._version \
+                and isinstance(cached[2], torch.Tensor):
+            self._cache = None
+            keep = nm_keep(cached[2], pruned, self.m)
+            if keep is not None:
+                return keep.view(self.shape)
         low = self._lowest_n(scores)
         pruned = pruned.reshape(low[0].shape)
         self._cache = None
