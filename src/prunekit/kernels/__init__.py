@@ -115,8 +115,10 @@ def nm_lowest(scores: torch.Tensor, n: int, m: int, reduce: str) -> tuple[torch.
 
 def nm_keep(bits: torch.Tensor, pruned: torch.Tensor, m: int) -> torch.Tensor | None:
     """The flat N:M keep-mask: position i of group g is cut when ``pruned[g]`` and bit i of ``bits[g]``."""
+    if bits.device.type != "cpu":  # checked before cpu_kernels(): GPU work never triggers the build
+        return None
     ext = cpu_kernels()
-    if ext is None or bits.device.type != "cpu" or not _plain(bits, torch.int32):
+    if ext is None or not _plain(bits, torch.int32):
         return None
     return ext.nm_keep(bits, pruned.to(device="cpu", dtype=torch.bool).contiguous().reshape(-1), int(m))
 
