@@ -216,3 +216,24 @@ def test_nm_kernel_matches_the_eager_choice(ext, n, m, rows, groups, reduce, tie
 
 def test_nm_kernel_declines_long_groups(ext):
     assert kernels.nm_lowest(torch.rand(2, 32), 16, 32, "sum") is None  # M > 16: eager argsort path
+
+
+def test_non_cpu_tensors_never_trigger_the_build(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the kernels were built for a non-CPU tensor")
+
+    monkeypatch.setattr(cpp_extension, "load", must_not_build)
+    kernels._build.cache_clear()
+    try:
+        meta = torch.empty(4, 4, device="meta")
+        assert not kernels.score_step_(meta, meta, torch.empty(4, 4, device="meta"), (4, 4, 1, 1), 0.9)
+        assert not kernels.radix_hist_(torch.empty(8, dtype=torch.int32, device="meta"),
+                                       torch.zeros(2048, dtype=torch.int64), 0, 0, 11)
+        assert kernels.nm_lowest(torch.empty(4, 4, device="meta"), 2, 4, "sum") is None
+        assert kernels.nm_keep(torch.empty(4, dtype=torch.int32, device="meta"),
+                               torch.empty(4, dtype=torch.bool, device="meta"), 4) is None
+        assert kernels._build.cache_info().currsize == 0
+    finally:
+        kernels._build.cache_clear()
