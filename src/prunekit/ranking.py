@@ -84,13 +84,9 @@ class _Keys:
         for start in range(0, flat.numel(), CHUNK):
             yield _keys(flat[start:start + CHUNK], self.name)
 
-    def with_prefix(self, prefix: int, bits: int):
-        """Chunks of the keys whose top ``bits`` bits equal ``prefix``. Held keys keep the narrowed set, so
-        later radix passes only touch the candidates, not the whole layer again."""
-        if self.held is None:
-            for keys in self.chunks():
-                yield keys[(keys >> (32 - bits)) == prefix]
-            return
+    def with_prefix(self, prefix: int, bits: int) -> torch.Tensor:
+        """The held keys whose top ``bits`` bits equal ``prefix``. The narrowed set is kept, so later radix
+        passes only touch the candidates, not the whole layer again (the eager path)."""
         if self._candidates is not None and bits > self._candidates[1] \
                 and prefix >> (bits - self._candidates[1]) == self._candidates[0]:
             base = self._candidates[2]
@@ -102,7 +98,15 @@ class _Keys:
             narrowed = base[(base >> (32 - bits)) == prefix]
         self.top = None
         self._candidates = (prefix, bits, narrowed)
-        yield narrowed
+        return narrowed
+
+    def kernel_ready(self) -> bool:
+        """Whether the radix passes run in the CPU kernel: one read of every key per pass, which beats narrowing
+        to the candidates (a boolean index over every key costs several reads). Keys computed chunk by chunk
+        always take the per-chunk pass (the kernel, or eager when it does not apply)."""
+        held = self.held
+        # the device first: keys on a GPU never trigger the CPU kernels' build
+        return held is None or (held.device.type == "cpu" and cpu_kernels() is not None)
 
 
 def _hist_pass(row: torch.Tensor, keys: torch.Tensor, done: int, prefix: int, width: int,
@@ -123,9 +127,6 @@ def _hist_pass(row: torch.Tensor, keys: torch.Tensor, done: int, prefix: int, wi
 
 def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Smallest key τ with Σ clamp(count_l(≤τ), lo, hi) ≥ k. Returns τ, count(<τ) and count(≤τ) per layer."""
-    # with the CPU kernel one read of every key per pass beats narrowing to the candidates (a boolean index
-    # over every key costs several reads)
-    fused = cpu_kernels() is not None
     lo = torch.tensor([q.lo for q in quotas], dtype=torch.int64)
     hi = torch.tensor([q.cap for q in quotas], dtype=torch.int64)
     below = torch.zeros(len(layers), dtype=torch.int64)
@@ -135,14 +136,17 @@ def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> t
         bins = 1 << width
         hist = torch.zeros(len(layers), bins, dtype=torch.int64)
         for i, layer in enumerate(layers):
-            if not fused and not done and layer.held_nonneg:  # top digits of non-negative keys: upper half
+            if layer.kernel_ready():
+                for keys in layer.chunks():
+                    _hist_pass(hist[i], keys, done, prefix, width)
+            elif done:  # eager, held keys: later passes see only the previous pass's candidates
+                _hist_pass(hist[i], layer.with_prefix(prefix, done), done, prefix, width, narrowed=True)
+            elif layer.held_nonneg:  # top digits of non-negative keys fill the upper half; kept for pass 2
                 top = layer.held >> shift
                 layer.top = (width, top)
                 hist[i, bins >> 1:] += torch.bincount(top, minlength=bins >> 1)
-                continue
-            narrowed = bool(done) and not fused  # eager: later passes see only the previous pass's candidates
-            for keys in (layer.with_prefix(prefix, done) if narrowed else layer.chunks()):
-                _hist_pass(hist[i], keys, done, prefix, width, narrowed)
+            else:
+                _hist_pass(hist[i], layer.held, done, prefix, width)
         cum = below[:, None] + hist.cumsum(dim=1)
         filled = torch.minimum(torch.maximum(cum, lo[:, None]), hi[:, None]).sum(dim=0)
         digit = min(int(torch.searchsorted(filled, torch.tensor([k], dtype=torch.int64)).item()), bins - 1)
