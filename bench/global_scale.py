@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import prunekit
+import prunekit.kernels
 
 
 def rss_bytes() -> int:
@@ -71,6 +72,7 @@ def main() -> None:
     zeros = sum(layer.zeros() for layer in pruning.layers)
     print(json.dumps({
         "bench": "global_scale", "torch": torch.__version__, "threads": args.threads,
+        "cpu_kernels": prunekit.kernels.cpu_kernels() is not None,
         "machine": platform.machine(), "weights": weights, "tensors": args.layers,
         "weight_bytes": weight_bytes, "packed_masks": args.packed,
         "event_seconds": round(seconds, 2),

@@ -19,6 +19,7 @@ import time
 import torch
 
 import prunekit
+import prunekit.kernels
 
 TARGETS = {"1x1": 0.9, "4x1": 0.9, "2:4": 0.5}
 
@@ -150,7 +151,8 @@ def main() -> None:
     results = [pooled([run(p, args.steps, args.batch, args.seq) for _ in range(args.repeats)])
                for p in args.patterns.split(",")]
     print(json.dumps({"bench": "overhead", "torch": torch.__version__, "threads": args.threads,
-                      "machine": platform.processor() or platform.machine(), "results": results}, indent=2))
+                      "machine": platform.processor() or platform.machine(),
+                      "cpu_kernels": prunekit.kernels.cpu_kernels() is not None, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
