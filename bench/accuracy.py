@@ -18,6 +18,7 @@ Examples::
 
     python bench/accuracy.py --task sst2 --preset cpu --out /tmp/pk-bench --dry_run     # print the commands
     nice -n 10 python bench/accuracy.py --task sst2 --preset cpu --out /tmp/pk-bench --runs dense,4x1-kd
+    nice -n 10 python bench/accuracy.py --task mrpc --preset cpu --out /tmp/pk-bench --runs 4x1-kd --seed 43
     python bench/accuracy.py --collect /tmp/pk-bench                                     # the results table
     python bench/accuracy.py --task mrpc --preset full --out runs --launcher "torchrun --nproc_per_node 8"
 
