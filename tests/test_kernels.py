@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 import warnings
 
 import pytest
@@ -168,15 +169,24 @@ def test_training_with_and_without_kernels_gives_the_same_masks(ext, monkeypatch
         torch.testing.assert_close(scores_a[name], scores_b[name], rtol=1e-5, atol=1e-7)
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+@contextmanager
+def build_replaced_by(monkeypatch, error: Exception):
+    """Every kernel build inside raises ``error``; the build cache is emptied before and after."""
     import torch.utils.cpp_extension as cpp_extension
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found")
+    def load(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(cpp_extension, "load", load)
     kernels._build.cache_clear()
     try:
+        yield
+    finally:
+        kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    with build_replaced_by(monkeypatch, RuntimeError("no C++ compiler found")):
         with pytest.warns(RuntimeWarning, match="CPU kernels unavailable.*no C\\+\\+ compiler"):
             assert kernels.cpu_kernels() is None
         with warnings.catch_warnings(record=True) as again:
@@ -187,8 +197,6 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         assert not kernels.score_step_(None, torch.ones(2, 2), scores, (2, 2, 1, 1), 0.9)
         masks, _ = _train("4x1", 0.75)  # training still prunes, on the eager path
         assert all(m.dtype == torch.bool for m in masks) and any(not bool(m.all()) for m in masks)
-    finally:
-        kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
 
 
 @HYP
@@ -219,14 +227,7 @@ def test_nm_kernel_declines_long_groups(ext):
 
 
 def test_non_cpu_tensors_never_trigger_the_build(monkeypatch):
-    import torch.utils.cpp_extension as cpp_extension
-
-    def must_not_build(*args, **kwargs):
-        raise AssertionError("the kernels were built for a non-CPU tensor")
-
-    monkeypatch.setattr(cpp_extension, "load", must_not_build)
-    kernels._build.cache_clear()
-    try:
+    with build_replaced_by(monkeypatch, AssertionError("the kernels were built for a non-CPU tensor")):
         meta = torch.empty(4, 4, device="meta")
         assert not kernels.score_step_(meta, meta, torch.empty(4, 4, device="meta"), (4, 4, 1, 1), 0.9)
         assert not kernels.radix_hist_(torch.empty(8, dtype=torch.int32, device="meta"),
@@ -235,5 +236,3 @@ def test_non_cpu_tensors_never_trigger_the_build(monkeypatch):
         assert kernels.nm_keep(torch.empty(4, dtype=torch.int32, device="meta"),
                                torch.empty(4, dtype=torch.bool, device="meta"), 4) is None
         assert kernels._build.cache_info().currsize == 0
-    finally:
-        kernels._build.cache_clear()
