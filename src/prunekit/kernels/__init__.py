@@ -9,9 +9,10 @@
 
 They are compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler is needed; ~30 s once, then
 cached in torch's extension directory, ``$TORCH_EXTENSIONS_DIR`` by default). Every caller keeps its eager
-path: :func:`cpu_kernels` returns None when the build fails (one warning says why), when
-``PRUNEKIT_CPU_KERNELS=0`` is set, or for tensors the kernels do not cover (GPU, non-float32, non-contiguous),
-so a machine without a compiler loses speed, never results. GPU training never uses them.
+path: :func:`cpu_kernels` returns None when the build fails (one warning says why) or when
+``PRUNEKIT_CPU_KERNELS=0`` is set, and each wrapper declines tensors it does not cover (GPU — checked before any
+build —, other dtypes, non-contiguous). The two paths agree up to float summation order, so a machine without a
+compiler loses speed, not pruning decisions.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _build() -> ModuleType | None:
         return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build problem means: use the eager path
         warnings.warn(f"prunekit: CPU kernels unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                      f"using the eager PyTorch path (same results, slower). Set {ENV_SWITCH}=0 to skip the build.",
+                      f"using the eager PyTorch path (same pruning, slower). Set {ENV_SWITCH}=0 to skip the build.",
                       RuntimeWarning, stacklevel=2)
         return None
 

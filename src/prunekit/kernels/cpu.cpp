@@ -1,6 +1,6 @@
-// prunekit's optional CPU kernels: two memory-bound loops that eager PyTorch runs as several full passes.
+// prunekit's optional CPU kernels: loops that eager PyTorch runs as several full passes over a tensor.
 // Built on first use by prunekit.kernels (torch.utils.cpp_extension.load); every caller has an eager fallback
-// that computes the same numbers, so a machine without a compiler loses only speed.
+// that computes the same numbers up to float summation order, so a machine without a compiler loses only speed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,13 +18,47 @@ void check_float2d(const torch::Tensor& t, const char* what) {
               what, " must be a contiguous 2-D float32 CPU tensor");
 }
 
+// One pass of score_step_ over tile rows [begin, end). The step term is |w * g| (Weighted) or |g|; a tile row's
+// scores are first scaled by `a` (or overwritten when a == 0, so a fresh buffer is never read), then each of its
+// bh weight rows adds its terms; a row of the gradient is masked right after, while it is still in cache.
+template <bool Weighted>
+void score_rows(const float* w, float* g, float* s, const float* k, int64_t begin, int64_t end, int64_t bh,
+                int64_t bw, int64_t cols, float a) {
+  const int64_t tile_cols = cols / bw;
+  for (int64_t ti = begin; ti < end; ++ti) {
+    float* srow = s + ti * tile_cols;
+    const float* krow = k ? k + ti * tile_cols : nullptr;
+    for (int64_t r = 0; r < bh; ++r) {
+      const int64_t off = (ti * bh + r) * cols;
+      float* gr = g + off;
+      const float* wr = Weighted ? w + off : nullptr;
+      const float scale = r == 0 ? a : 1.0f;  // scaling by 1.0 is exact: later rows just add
+      if (bw == 1) {  // one column a tile (1x1, 4x1, N:M): straight vectorisable loops
+        if (scale == 0.0f) {
+          for (int64_t j = 0; j < cols; ++j) srow[j] = std::fabs(Weighted ? wr[j] * gr[j] : gr[j]);
+        } else {
+          for (int64_t j = 0; j < cols; ++j) srow[j] = scale * srow[j] + std::fabs(Weighted ? wr[j] * gr[j] : gr[j]);
+        }
+        if (krow) for (int64_t j = 0; j < cols; ++j) gr[j] *= krow[j];
+      } else {
+        for (int64_t tj = 0; tj < tile_cols; ++tj) {
+          float acc = 0.0f;
+          for (int64_t j = tj * bw; j < (tj + 1) * bw; ++j) acc += std::fabs(Weighted ? wr[j] * gr[j] : gr[j]);
+          srow[tj] = scale == 0.0f ? acc : scale * srow[tj] + acc;
+        }
+        if (krow) for (int64_t j = 0; j < cols; ++j) gr[j] *= krow[j / bw];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // scores[i, j] = momentum * scores[i, j] + sum over the bh x bw tile (i, j) of |weight * grad|  (|grad| when
 // weight is None). One pass over weight and grad instead of product, abs, tile sum and momentum add.
 // momentum == 0 overwrites scores without reading them (a fresh buffer may hold anything). With `keep` (float,
-// laid out like scores) the gradient is then multiplied by its tile's keep value, row by row while the row is
-// still in cache: the gradient mask costs no pass of its own.
+// laid out like scores) the gradient is then multiplied by its tile's keep value: the gradient mask costs no
+// pass of its own.
 void score_step_(const c10::optional<torch::Tensor>& weight, torch::Tensor& grad, torch::Tensor& scores,
                  int64_t bh, int64_t bw, double momentum, const c10::optional<torch::Tensor>& keep) {
   check_float2d(grad, "grad");
@@ -47,44 +81,11 @@ void score_step_(const c10::optional<torch::Tensor>& weight, torch::Tensor& grad
   float* g = grad.data_ptr<float>();
   float* s = scores.data_ptr<float>();
   const float a = static_cast<float>(momentum);
-  const int64_t tile_cols = cols / bw;
   // a thread's share is at least ~32k elements: smaller ones cost more to hand out than to compute
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (bh * cols));
   at::parallel_for(0, rows / bh, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t ti = begin; ti < end; ++ti) {
-      float* srow = s + ti * tile_cols;
-      const float* krow = k ? k + ti * tile_cols : nullptr;
-      for (int64_t r = 0; r < bh; ++r) {
-        const int64_t off = (ti * bh + r) * cols;
-        float* gr = g + off;
-        const float* wr = w ? w + off : nullptr;
-        const bool first = r == 0;
-        if (bw == 1) {  // one column a tile (1x1, 4x1, N:M): a straight vectorisable loop
-          if (first && a == 0.0f) {
-            if (wr) for (int64_t j = 0; j < cols; ++j) srow[j] = std::fabs(wr[j] * gr[j]);
-            else for (int64_t j = 0; j < cols; ++j) srow[j] = std::fabs(gr[j]);
-          } else if (first) {
-            if (wr) for (int64_t j = 0; j < cols; ++j) srow[j] = a * srow[j] + std::fabs(wr[j] * gr[j]);
-            else for (int64_t j = 0; j < cols; ++j) srow[j] = a * srow[j] + std::fabs(gr[j]);
-          } else {
-            if (wr) for (int64_t j = 0; j < cols; ++j) srow[j] += std::fabs(wr[j] * gr[j]);
-            else for (int64_t j = 0; j < cols; ++j) srow[j] += std::fabs(gr[j]);
-          }
-        } else {
-          for (int64_t tj = 0; tj < tile_cols; ++tj) {
-            float acc = 0.0f;
-            const int64_t c0 = tj * bw;
-            if (wr) for (int64_t j = 0; j < bw; ++j) acc += std::fabs(wr[c0 + j] * gr[c0 + j]);
-            else for (int64_t j = 0; j < bw; ++j) acc += std::fabs(gr[c0 + j]);
-            srow[tj] = first ? (a == 0.0f ? acc : a * srow[tj] + acc) : srow[tj] + acc;
-          }
-        }
-        if (krow) {
-          if (bw == 1) for (int64_t j = 0; j < cols; ++j) gr[j] *= krow[j];
-          else for (int64_t j = 0; j < cols; ++j) gr[j] *= krow[j / bw];
-        }
-      }
-    }
+    if (w) score_rows<true>(w, g, s, k, begin, end, bh, bw, cols, a);
+    else score_rows<false>(w, g, s, k, begin, end, bh, bw, cols, a);
   });
 }
 
@@ -103,24 +104,8 @@ void radix_hist_(const torch::Tensor& keys, torch::Tensor& hist, int64_t done, i
   const int shift = static_cast<int>(32 - done - width);
   const int32_t mask = static_cast<int32_t>((int64_t{1} << width) - 1);
   if (done == 0) {
-    // four interleaved sub-histograms: consecutive keys often share a bin, and one counter would serialise
-    // every increment on the previous one
-    const int64_t bins = int64_t{1} << width;
-    const int32_t half = static_cast<int32_t>(bins >> 1);
-    std::vector<int64_t> sub(4 * bins, 0);
-    int64_t* h0 = sub.data();
-    int64_t* h1 = h0 + bins;
-    int64_t* h2 = h1 + bins;
-    int64_t* h3 = h2 + bins;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {  // arithmetic shift: the top digit is signed
-      ++h0[(k[i] >> shift) + half];
-      ++h1[(k[i + 1] >> shift) + half];
-      ++h2[(k[i + 2] >> shift) + half];
-      ++h3[(k[i + 3] >> shift) + half];
-    }
-    for (; i < n; ++i) ++h0[(k[i] >> shift) + half];
-    for (int64_t b = 0; b < bins; ++b) h[b] += h0[b] + h1[b] + h2[b] + h3[b];
+    const int32_t half = mask / 2 + 1;  // the top digit is signed (arithmetic shift): offset it into [0, bins)
+    for (int64_t i = 0; i < n; ++i) ++h[(k[i] >> shift) + half];
     return;
   }
   // branch-free: a key outside the prefix counts into a sink bin past the end (a prefix match is a coin toss

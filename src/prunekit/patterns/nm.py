@@ -33,14 +33,20 @@ class NMBound(BoundPattern):
         axis = self.layout.in_axis
         return t.unflatten(axis, (t.shape[axis] // self.m, self.m))
 
+    def _cached(self, scores: torch.Tensor) -> list[torch.Tensor] | torch.Tensor | None:
+        """What the last ranking of these very scores left (unchanged since): eager lists or kernel bit sets."""
+        cached = self._cache
+        if cached is not None and cached[0] is scores and cached[1] == scores._version:
+            return cached[2]
+        return None
+
     def _lowest_n(self, scores: torch.Tensor, cols: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per position i of the group (a list of M bool tensors): whether element i is among the N lowest
         scores of its group; ties go to the lower index. ``cols``: ``_columns(scores)`` when already made."""
         # an event asks twice for the same scores (unit scores, then the mask): compute once
-        cached = self._cache
-        if cached is not None and cached[0] is scores and cached[1] == scores._version \
-                and isinstance(cached[2], list):
-            return cached[2]
+        cached = self._cached(scores)
+        if isinstance(cached, list):
+            return cached
         low = self._rank_lowest(scores, cols)
         self._cache = (scores, scores._version, low)
         return low
@@ -99,11 +105,10 @@ class NMBound(BoundPattern):
         return picked.reshape(-1)
 
     def mask_from_pruned_units(self, pruned: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
-        cached = self._cache
-        if cached is not None and cached[0] is scores and cached[1] == scores._version \
-                and isinstance(cached[2], torch.Tensor):
+        cached = self._cached(scores)
+        if isinstance(cached, torch.Tensor):  # the kernel's bit sets from unit_scores
             self._cache = None
-            keep = nm_keep(cached[2], pruned, self.m)
+            keep = nm_keep(cached, pruned, self.m)
             if keep is not None:
                 return keep.view(self.shape)
         low = self._lowest_n(scores)
