@@ -39,15 +39,15 @@ def build_model(seed: int = 0):
 
 
 def run(pattern: str, steps: int, batch: int, seq: int, swap: bool = False) -> dict:
-    """One 60-step protocol. ``pattern`` "none" prunes nothing (the A/A control); ``swap`` prunes the original
-    instance instead of its copy."""
+    """One protocol of ``steps`` timed steps. ``pattern`` "none" prunes nothing (the A/A control); ``swap``
+    prunes the original instance instead of its copy."""
     plain = build_model()
     pruned = copy.deepcopy(plain)
     if swap:
         plain, pruned = pruned, plain
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)
     opt_pruned = torch.optim.AdamW(pruned.parameters(), lr=1e-4, fused=True)
-    config = {"target_sparsity": TARGETS.get(pattern, 0.0), "pattern": pattern, "pruning_type": "snip_momentum",
+    config = {"target_sparsity": TARGETS.get(pattern), "pattern": pattern, "pruning_type": "snip_momentum",
               "pruning_scope": "global", "start_step": 0, "end_step": 50, "pruning_frequency": 10,
               "excluded_op_names": ["pooler", "classifier"], "pruning_op_types": ["Linear"]}
     # hooks registered around prunekit's own measure the time spent inside it (torch runs hooks in order)
