@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch

@@ -73,6 +73,11 @@ class _Keys:
         self.held_nonneg = False
         if hold:
             self.held, self.held_nonneg = _signed_keys(source(), name)
+        # whether the radix passes run in the CPU kernel, decided once per event (every pass asks): one read of
+        # every key per pass beats narrowing to the candidates (a boolean index over every key costs several
+        # reads). Keys computed chunk by chunk always take the per-chunk pass (the kernel, or eager when it does
+        # not apply). The device is checked first: keys on a GPU never trigger the CPU kernels' build.
+        self.in_kernel = self.held is None or (self.held.device.type == "cpu" and cpu_kernels() is not None)
         self._candidates: tuple[int, int, torch.Tensor] | None = None  # (prefix, bits, keys with that prefix)
         self.top: tuple[int, torch.Tensor] | None = None  # (bits, top digits of the held keys) from the first pass
 
@@ -99,14 +104,6 @@ class _Keys:
         self.top = None
         self._candidates = (prefix, bits, narrowed)
         return narrowed
-
-    def kernel_ready(self) -> bool:
-        """Whether the radix passes run in the CPU kernel: one read of every key per pass, which beats narrowing
-        to the candidates (a boolean index over every key costs several reads). Keys computed chunk by chunk
-        always take the per-chunk pass (the kernel, or eager when it does not apply)."""
-        held = self.held
-        # the device first: keys on a GPU never trigger the CPU kernels' build
-        return held is None or (held.device.type == "cpu" and cpu_kernels() is not None)
 
 
 def _hist_pass(row: torch.Tensor, keys: torch.Tensor, done: int, prefix: int, width: int,
@@ -136,7 +133,7 @@ def _radix_select(layers: Sequence[_Keys], quotas: Sequence[Quota], k: int) -> t
         bins = 1 << width
         hist = torch.zeros(len(layers), bins, dtype=torch.int64)
         for i, layer in enumerate(layers):
-            if layer.kernel_ready():
+            if layer.in_kernel:
                 for keys in layer.chunks():
                     _hist_pass(hist[i], keys, done, prefix, width)
             elif done:  # eager, held keys: later passes see only the previous pass's candidates
