@@ -1,0 +1,33 @@
+"""Magnitude: the baseline, |W| alone (no calibration statistics)."""
+from __future__ import annotations
+
+import torch
+
+from prunekit.oneshot.methods.base import MethodOptions, OneShotMethod, pattern_kind, register_method
+from prunekit.oneshot.stats import InputStats
+from prunekit.patterns.base import Pattern
+
+
+def keep_lowest_pruned(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask pruning the lowest ``scores``: over the whole layer for 1x1, the N lowest of each M for N:M."""
+    if pattern_kind(pattern) == "N:M":
+        n, m = pattern.n, pattern.m
+        groups = scores.reshape(scores.shape[0], -1, m)
+        drop = groups.topk(n, dim=-1, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+        return keep.reshape(scores.shape)
+    k = int(round(sparsity * scores.numel()))
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        keep[scores.reshape(-1).topk(k, largest=False).indices] = False
+    return keep.view(scores.shape)
+
+
+@register_method
+class Magnitude(OneShotMethod):
+    name = "magnitude"
+
+    def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
+              options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = keep_lowest_pruned(weight.abs(), sparsity, pattern)
+        return weight * keep, keep
