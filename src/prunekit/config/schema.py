@@ -102,7 +102,8 @@ def _config_error_from(exc: ValidationError, model: type[BaseModel]) -> ConfigEr
     if err["type"] == "missing":
         return ConfigError(key, None, f"required; {_allowed(model, key)}")
     options = _literal_options(model, key)
-    close = nearest(str(value), [str(o) for o in options]) if options else None
+    # only a string can be a typo of an option (str() of a YAML alias bomb would never finish)
+    close = nearest(value, [str(o) for o in options]) if options and isinstance(value, str) else None
     if options:  # the allowed text already lists the options; pydantic's message would repeat them
         hint = f"did you mean {close!r}?" if close else None
     else:
