@@ -99,17 +99,21 @@ class CompressionManager:
         torch.save({"model": self.model.state_dict(), "pruning": self.callbacks.state_dict()}, path)
 
 
-def prepare_compression(model: nn.Module, confs: Any) -> CompressionManager:
+def prepare_compression(model: nn.Module, confs: Any,
+                        optimizer: torch.optim.Optimizer | None = None) -> CompressionManager:
     """The original's callback entry point: ``cm = prepare_compression(model, config)``, then
     ``cm.callbacks.on_train_begin()``, ``on_step_begin``, ``on_before_optimizer_step``,
-    ``on_after_optimizer_step`` … in the training loop."""
+    ``on_after_optimizer_step`` … in the training loop.
+
+    ``optimizer`` (prunekit's addition, needed by ``reg_type: group_lasso``, whose shrink is scaled by its learning
+    rate) hooks the pruning into its step; the callbacks above then stay callable and harmless."""
     if isinstance(confs, (list, tuple)) and confs and not isinstance(confs[0], dict):
         pruning_confs = [c for c in confs if isinstance(c, PruningConfig)]
         if len(pruning_confs) != len(confs):
             raise ConfigError("confs", confs, "prunekit.compat.prepare_compression takes pruning configs only; "
                               "distillation is done by the training loop (see prunekit.recipes.distill)")
         confs = PruningConfig(pruners=tuple(p for c in pruning_confs for p in c.pruners))
-    return CompressionManager(model, _pruning.Pruning(model, confs))
+    return CompressionManager(model, _pruning.Pruning(model, confs, optimizer))
 
 
 def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None,

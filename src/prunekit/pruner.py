@@ -118,17 +118,23 @@ class Pruner:
         return next_event - step <= self.criterion.horizon
 
     # --- regularisation --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def regularize(self, step: int, lr_of: Callable[[torch.nn.Parameter], float]) -> None:
-        """Group lasso inside [start_step, end_step]: a proximal shrink of every block by lr · reg_coeff, after
-        the optimizer step (the original's gradient-norm version diverged to NaN; this cannot)."""
+    def regularizes(self, step: int) -> bool:
+        """Whether group lasso acts after optimizer step ``step`` (inside [start_step, end_step])."""
         cfg = self.config
-        if cfg.reg_type is None or cfg.reg_coeff == 0.0:
-            return
-        if not self.schedule.start_step <= step <= self.schedule.end_step:
+        return cfg.reg_type is not None and cfg.reg_coeff > 0.0 and \
+            self.schedule.start_step <= step <= self.schedule.end_step
+
+    @torch.no_grad()
+    def regularize(self, step: int, lr_of: Callable[[torch.nn.Parameter], float | None]) -> None:
+        """Group lasso inside [start_step, end_step]: a proximal shrink of every block by lr · reg_coeff, after
+        the optimizer step (the original's gradient-norm version diverged to NaN; this cannot). ``lr_of`` gives
+        the learning rate the optimizer used for a weight (None: it does not update it, so nothing shrinks)."""
+        if not self.regularizes(step):
             return
         for layer in self.layers:
-            layer.shrink_blocks_(lr_of(layer.weight) * cfg.reg_coeff)
+            lr = lr_of(layer.weight)
+            if lr:
+                layer.shrink_blocks_(lr * self.config.reg_coeff)
 
     # --- events ----------------------------------------------------------------------------------------------
     def current_sparsity(self) -> float:
