@@ -49,8 +49,9 @@ class Pruner:
         if config.reg_type is not None and not isinstance(self.pattern, BlockPattern):
             raise ConfigError("reg_type", config.reg_type, f"group_lasso works on block patterns (NxM, channelxM, "
                                                            f"Nxchannel), not on {config.pattern!r}")
-        self.layers, self.skipped = self._bind_layers(model)
-        self.criterion = CRITERIA.get(config.criterion)(low_memory_usage=config.low_memory_usage)
+        criterion = CRITERIA.get(config.criterion)
+        self.layers, self.skipped = self._bind_layers(model, criterion)
+        self.criterion = criterion(low_memory_usage=config.low_memory_usage)
         self.schedule = Schedule(config.start_step, config.end_step, config.pruning_frequency,
                                  min(config.target_sparsity, config.max_sparsity_ratio_per_op),
                                  config.sparsity_decay_type)
@@ -59,14 +60,16 @@ class Pruner:
         self.last_event_step: int | None = None
         self.history: list[Event] = []
 
-    def _bind_layers(self, model: nn.Module) -> tuple[list, list[tuple[str, str]]]:
+    def _bind_layers(self, model: nn.Module, criterion: type) -> tuple[list, list[tuple[str, str]]]:
         cfg = self.config
         if isinstance(self.pattern, HeadPattern):
             return head_layers(model, cfg.op_names, cfg.excluded_op_names, cfg.criterion_reduce_type), []
         chosen = select(model, cfg.op_names, cfg.excluded_op_names, cfg.pruning_op_types)
         layers, skipped = [], []
         for cand in chosen:
-            bound = self.pattern.bind(cand.module.weight.shape, cand.layout, cfg.criterion_reduce_type)
+            # a criterion limited to some module types (block_mask: Linear) leaves the others dense
+            bound = criterion.module_error(cand.module) or \
+                self.pattern.bind(cand.module.weight.shape, cand.layout, cfg.criterion_reduce_type)
             if isinstance(bound, str):
                 skipped.append((cand.name, f"left dense: {bound}"))
                 warnings.warn(f"prunekit: {cand.name} left dense under pattern {cfg.pattern}: {bound}",
@@ -110,6 +113,8 @@ class Pruner:
     def wants_gradients(self, step: int) -> bool:
         """Whether step ``step``'s gradients can still influence an event (scores are only read at events)."""
         if not self.criterion.needs_grad or step > self.schedule.final_step:
+            return False
+        if self.criterion.window_only and step < self.schedule.start_step:
             return False
         offset = step - self.schedule.start_step
         freq = self.schedule.frequency
