@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import prunekit.criteria  # noqa: F401 - imported (with torch) before anything is measured
 from prunekit.config import load_config
-from prunekit.config.legacy import MAX_YAML_NODES
+from prunekit.config.legacy import MAX_YAML_BYTES, MAX_YAML_NODES
 from prunekit.errors import QUOTE_LIMIT, ConfigError, quote
 
 MB = 1 << 20
@@ -101,6 +101,17 @@ def test_deep_nesting_is_refused_before_python_recursion_runs_out():
         load_config("target_sparsity: " + "[" * 1000 + "\n")
     assert_one_line_config_error(info.value, "yaml")
     assert "nested at most" in str(info.value)
+
+
+def test_oversized_documents_are_refused_before_parsing(tmp_path):
+    big = "op_names: [" + ", ".join(["layer"] * (MAX_YAML_BYTES // 7 + 1)) + "]\n"
+    path = tmp_path / "huge.yaml"
+    path.write_text(big)
+    for source in (big, path):
+        with pytest.raises(ConfigError) as info:
+            load_config(source)
+        assert_one_line_config_error(info.value, "config")
+        assert f"at most {MAX_YAML_BYTES}" in str(info.value)
 
 
 def test_quote_matches_repr_for_ordinary_values():

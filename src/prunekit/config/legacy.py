@@ -53,6 +53,8 @@ _EPOCH_HINT = (
     "model's current sparsity (set lock_init_sparsity: true to keep existing zeros); method has no equivalent"
 )
 
+#: the largest YAML document read (a pruning config is a few kilobytes, an INC file with long op lists tens of them)
+MAX_YAML_BYTES = 1 << 20
 #: the deepest nesting of YAML collections accepted (a pruning config nests four or five levels)
 MAX_YAML_DEPTH = 50
 #: the most YAML nodes a config document may hold once its aliases are expanded: a pruning config has tens to
@@ -201,11 +203,17 @@ def load_yaml(path_or_text: str | Path) -> Any:
         path = Path(path_or_text)
         if not path.is_file():
             raise ConfigError("config", str(path), "allowed: an existing YAML file, YAML text or a dict")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError("config", str(path), f"allowed: a YAML file of at most {MAX_YAML_BYTES} bytes",
+                              f"this one has {path.stat().st_size}")
         source, text = str(path), path.read_text(encoding="utf-8")
     elif isinstance(path_or_text, str):
         text = path_or_text
     else:
         raise ConfigError("config", path_or_text, "allowed: a YAML path or YAML text")
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError("config", source, f"allowed: YAML text of at most {MAX_YAML_BYTES} characters",
+                          f"this one has {len(text)}")
     try:
         return yaml.load(text, Loader=LegacyYamlLoader)  # noqa: S506 - LegacyYamlLoader is a SafeLoader
     except YamlLimitError as err:
