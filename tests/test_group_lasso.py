@@ -159,3 +159,29 @@ def test_a_weight_the_optimizer_does_not_train_is_not_shrunk():
     opt.step()
     assert torch.equal(model[2].weight, before)
     assert not torch.equal(model[0].weight, model[0].weight.detach() * 0)
+
+
+def test_the_1x_pruning_class_takes_the_optimizer_before_or_after_the_engine_exists():
+    from prunekit.compat import Pruning as V1Pruning
+
+    for when in ("before", "after"):
+        model = relu_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        prune = V1Pruning(LASSO)
+        prune.model = model
+        if when == "before":
+            prune.optimizer = opt
+            prune.on_train_begin()
+        else:
+            with pytest.raises(ConfigError, match="optimizer"):
+                prune.on_train_begin()
+            prune.optimizer = opt
+            prune.on_train_begin()
+        assert prune.optimizer is opt
+        norms = block_norms(model[2].weight)
+        zero_grad_step(model)
+        prune.on_before_optimizer_step()
+        opt.step()
+        prune.on_after_optimizer_step()
+        torch.testing.assert_close(block_norms(model[2].weight), expected_shrink(norms, 1e-5), rtol=1e-5,
+                                   atol=1e-7)

@@ -55,8 +55,20 @@ class Pruning:
     def __init__(self, config: Any) -> None:
         self.config: PruningConfig = load_config(config)
         self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self._engine: _pruning.Pruning | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The training optimizer (optional; group lasso needs it for its learning rate)."""
+        return self._engine.optimizer if self._engine is not None else self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        # set before on_train_begin it hooks the engine into the optimizer; set after, it reaches the engine too
+        self._optimizer = optimizer
+        if self._engine is not None:
+            self._engine.optimizer = optimizer
 
     def update_items_for_all_pruners(self, **kwargs: Any) -> None:
         """Overwrite keys in every pruner (e.g. ``start_step``/``end_step`` computed from epochs)."""
