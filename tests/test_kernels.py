@@ -336,3 +336,42 @@ def test_the_build_command_reports_a_build_it_did_and_a_failure(monkeypatch, cap
         assert main(["build"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("prunekit: the CPU kernels did not build (RuntimeError: no C++ compiler found)")
+
+
+def test_a_build_in_progress_elsewhere_is_waited_for_not_repeated(monkeypatch):
+    import threading
+    import types
+
+    with build_replaced_by(monkeypatch, AssertionError("compiled twice")) as calls:
+        directory = kernels.build_dir()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = directory.with_name(directory.name + ".lock")
+        lock.touch()  # another process is compiling
+
+        def finish():  # ... and finishes: its library appears, its lock goes
+            directory.mkdir()
+            (directory / f"{directory.name}.so").touch()
+            lock.unlink()
+
+        monkeypatch.setattr(kernels, "_import", lambda d: types.ModuleType(d.name))
+        timer = threading.Timer(0.5, finish)
+        timer.start()
+        try:
+            module, where, seconds = kernels.build()
+        finally:
+            timer.join()
+        assert not calls and where == directory and seconds == 0.0 and module.__name__ == directory.name
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over(monkeypatch):
+    import os
+
+    with build_replaced_by(monkeypatch, None) as calls:
+        directory = kernels.build_dir()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = directory.with_name(directory.name + ".lock")
+        lock.touch()
+        old = lock.stat().st_mtime - kernels.STALE_LOCK_S - 60
+        os.utime(lock, (old, old))
+        assert kernels.cpu_kernels() is not None
+        assert len(calls) == 1 and not lock.exists()

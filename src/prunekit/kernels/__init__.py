@@ -43,6 +43,8 @@ ENV_CACHE = "PRUNEKIT_CACHE"
 CFLAGS = ("-O3",)
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _NAME = "prunekit_cpu_kernels"
+#: a build lock older than this belongs to a process that died while compiling
+STALE_LOCK_S = 900.0
 #: what the one-line notice promises (measured: 30-50 s on a quiet 2-core machine, 130-170 s on a loaded one)
 EXPECTED_BUILD = "about a minute, longer on a busy machine"
 
@@ -130,6 +132,31 @@ def _compile(directory: Path) -> ModuleType:
         shutil.rmtree(staging, ignore_errors=True)  # left only when the rename did not happen
 
 
+def _compile_once(directory: Path) -> ModuleType | None:
+    """Compile unless another process is doing it (DDP ranks, parallel test workers): one holds a lock file, the
+    others wait for its library. Returns None when another process built it."""
+    lock = directory.with_name(directory.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _library(directory).is_file():
+                return None
+            try:
+                if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                    lock.unlink()  # its builder was killed: take over
+            except FileNotFoundError:
+                pass
+            time.sleep(0.5)
+            continue
+        os.close(fd)
+        try:
+            return None if _library(directory).is_file() else _compile(directory)
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def build(force: bool = False) -> tuple[ModuleType, Path, float]:
     """Load the cached build, or compile it (announced on stderr). Returns (module, folder, seconds spent
     compiling; 0.0 when it was cached). Raises whatever the build raises."""
@@ -147,8 +174,10 @@ def build(force: bool = False) -> tuple[ModuleType, Path, float]:
             f"the same torch and Python; `python -m prunekit.kernels build` does it ahead, {ENV_SWITCH}=0 "
             f"skips it)")
     began = time.perf_counter()
-    module = _compile(directory)
+    module = _compile_once(directory)
     seconds = time.perf_counter() - began
+    if module is None:  # another process compiled it meanwhile
+        return _import(directory), directory, 0.0
     _notice(f"prunekit: CPU kernels compiled in {seconds:.0f} s")
     return module, directory, seconds
 
