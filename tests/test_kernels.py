@@ -170,19 +170,31 @@ def test_training_with_and_without_kernels_gives_the_same_masks(ext, monkeypatch
 
 
 @contextmanager
-def build_replaced_by(monkeypatch, error: Exception):
-    """Every kernel build inside raises ``error``; the build cache is emptied before and after."""
+def build_replaced_by(monkeypatch, error: Exception | None, cache=None):
+    """Every kernel build inside raises ``error`` (None: it "succeeds" without compiling, returning a stand-in
+    module) and finds an empty cache (or ``cache``); the in-process build is forgotten before and after."""
+    import tempfile
+    import types
+
     import torch.utils.cpp_extension as cpp_extension
 
+    calls = []
+
     def load(*args, **kwargs):
-        raise error
+        calls.append(kwargs)
+        if error is not None:
+            raise error
+        return types.ModuleType(kwargs["name"])
 
     monkeypatch.setattr(cpp_extension, "load", load)
-    kernels._build.cache_clear()
-    try:
-        yield
-    finally:
-        kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
+    with tempfile.TemporaryDirectory() as empty:
+        monkeypatch.setenv(kernels.ENV_CACHE, str(cache or empty))
+        kernels._build.cache_clear()
+        try:
+            yield calls
+        finally:
+            kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
+            monkeypatch.undo()
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
@@ -236,3 +248,130 @@ def test_non_cpu_tensors_never_trigger_the_build(monkeypatch):
         assert kernels.nm_keep(torch.empty(4, dtype=torch.int32, device="meta"),
                                torch.empty(4, dtype=torch.bool, device="meta"), 4) is None
         assert kernels._build.cache_info().currsize == 0
+
+
+# --- first use: a visible notice, one build shared by identical environments (issue 13, item 16) -------------
+KEY_INPUTS = dict(source=b"int main() {}", torch_version="2.13.0+cpu+abc", cflags=["-O3"],
+                  python_abi=".cpython-311-x86_64-linux-gnu.so/x86_64", compiler="c++")
+
+
+def test_the_build_key_is_the_same_for_the_same_inputs_and_differs_for_others():
+    key = kernels.build_key(**KEY_INPUTS)
+    assert key == kernels.build_key(**dict(KEY_INPUTS))
+    for name, other in [("source", b"int main() { return 1; }"), ("torch_version", "2.14.0+cpu+def"),
+                        ("cflags", ["-O2"]), ("python_abi", ".cpython-312-x86_64-linux-gnu.so/x86_64"),
+                        ("compiler", "clang++")]:
+        assert kernels.build_key(**{**KEY_INPUTS, name: other}) != key, name
+    # inputs are length-prefixed: moving a boundary changes the key
+    assert kernels.build_key(**{**KEY_INPUTS, "cflags": ["-O3", "-g"]}) != \
+        kernels.build_key(**{**KEY_INPUTS, "cflags": ["-O3\0-g"]})
+
+
+def test_the_build_folder_ignores_where_the_virtualenv_is(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path))
+    here = kernels.build_dir()
+    assert here.parent == tmp_path / "kernels" and here.name.startswith("prunekit_cpu_kernels_")
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv2/lib/python3.11/site-packages/torch/__init__.py")
+    monkeypatch.setattr("sys.prefix", "/elsewhere/venv2")
+    assert kernels.build_dir() == here
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch never loads this build
+    assert kernels.build_dir() != here
+
+
+def test_the_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kernels.cache_root() == tmp_path / "xdg" / "prunekit" / "kernels"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_ext"))
+    assert kernels.cache_root() == tmp_path / "torch_ext"
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / "mine"))
+    assert kernels.cache_root() == tmp_path / "mine" / "kernels"
+
+
+def test_a_first_build_says_so_on_stderr_with_the_expected_time(monkeypatch, capfd):
+    with build_replaced_by(monkeypatch, None) as calls:
+        assert kernels.cpu_kernels() is not None
+        directory = kernels.build_dir()
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(calls) == 1 and calls[0]["name"] == directory.name
+    assert len(err) == 2, err
+    assert err[0].startswith("prunekit: compiling the optional CPU kernels once")
+    assert kernels.EXPECTED_BUILD in err[0] and str(directory) in err[0]
+    assert "python -m prunekit.kernels build" in err[0] and f"{kernels.ENV_SWITCH}=0" in err[0]
+    assert err[1].startswith("prunekit: CPU kernels compiled in ")
+
+
+def test_a_cached_build_is_loaded_without_compiling_or_a_notice(ext, monkeypatch, capfd, tmp_path):
+    # another virtualenv built it: the same folder name under the shared cache is all it takes
+    built = kernels.build_dir()
+    with build_replaced_by(monkeypatch, AssertionError("compiled although the build was cached"),
+                           cache=tmp_path) as calls:
+        shutil.copytree(built, kernels.build_dir())
+        module = kernels.cpu_kernels()
+        assert module is not None and hasattr(module, "score_step_")
+    assert not calls
+    assert "compiling" not in capfd.readouterr().err
+
+
+def test_the_build_command_prints_where_and_how_long(ext, capsys):
+    from prunekit.kernels.__main__ import main
+
+    assert main(["build"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"already built: {kernels.build_dir()}"
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out.startswith(f"{kernels.build_dir()} (built;")
+
+
+def test_the_build_command_reports_a_build_it_did_and_a_failure(monkeypatch, capsys):
+    from prunekit.kernels.__main__ import main
+
+    with build_replaced_by(monkeypatch, None):
+        assert main(["build"]) == 0
+        out = capsys.readouterr().out.strip()
+        assert out.startswith("built in ") and out.endswith(f" s: {kernels.build_dir()}")
+    with build_replaced_by(monkeypatch, RuntimeError("no C++ compiler found")):
+        assert main(["build"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("prunekit: the CPU kernels did not build (RuntimeError: no C++ compiler found)")
+
+
+def test_a_build_in_progress_elsewhere_is_waited_for_not_repeated(monkeypatch):
+    import threading
+    import types
+
+    with build_replaced_by(monkeypatch, AssertionError("compiled twice")) as calls:
+        directory = kernels.build_dir()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = directory.with_name(directory.name + ".lock")
+        lock.touch()  # another process is compiling
+
+        def finish():  # ... and finishes: its library appears, its lock goes
+            directory.mkdir()
+            (directory / f"{directory.name}.so").touch()
+            lock.unlink()
+
+        monkeypatch.setattr(kernels, "_import", lambda d: types.ModuleType(d.name))
+        timer = threading.Timer(0.5, finish)
+        timer.start()
+        try:
+            module, where, seconds = kernels.build()
+        finally:
+            timer.join()
+        assert not calls and where == directory and seconds == 0.0 and module.__name__ == directory.name
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over(monkeypatch):
+    import os
+
+    with build_replaced_by(monkeypatch, None) as calls:
+        directory = kernels.build_dir()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = directory.with_name(directory.name + ".lock")
+        lock.touch()
+        old = lock.stat().st_mtime - kernels.STALE_LOCK_S - 60
+        os.utime(lock, (old, old))
+        assert kernels.cpu_kernels() is not None
+        assert len(calls) == 1 and not lock.exists()

@@ -55,8 +55,20 @@ class Pruning:
     def __init__(self, config: Any) -> None:
         self.config: PruningConfig = load_config(config)
         self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self._engine: _pruning.Pruning | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The training optimizer (optional; group lasso needs it for its learning rate)."""
+        return self._engine.optimizer if self._engine is not None else self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        # set before on_train_begin it hooks the engine into the optimizer; set after, it reaches the engine too
+        self._optimizer = optimizer
+        if self._engine is not None:
+            self._engine.optimizer = optimizer
 
     def update_items_for_all_pruners(self, **kwargs: Any) -> None:
         """Overwrite keys in every pruner (e.g. ``start_step``/``end_step`` computed from epochs)."""
@@ -99,17 +111,21 @@ class CompressionManager:
         torch.save({"model": self.model.state_dict(), "pruning": self.callbacks.state_dict()}, path)
 
 
-def prepare_compression(model: nn.Module, confs: Any) -> CompressionManager:
+def prepare_compression(model: nn.Module, confs: Any,
+                        optimizer: torch.optim.Optimizer | None = None) -> CompressionManager:
     """The original's callback entry point: ``cm = prepare_compression(model, config)``, then
     ``cm.callbacks.on_train_begin()``, ``on_step_begin``, ``on_before_optimizer_step``,
-    ``on_after_optimizer_step`` … in the training loop."""
+    ``on_after_optimizer_step`` … in the training loop.
+
+    ``optimizer`` (prunekit's addition, needed by ``reg_type: group_lasso``, whose shrink is scaled by its learning
+    rate) hooks the pruning into its step; the callbacks above then stay callable and harmless."""
     if isinstance(confs, (list, tuple)) and confs and not isinstance(confs[0], dict):
         pruning_confs = [c for c in confs if isinstance(c, PruningConfig)]
         if len(pruning_confs) != len(confs):
             raise ConfigError("confs", confs, "prunekit.compat.prepare_compression takes pruning configs only; "
                               "distillation is done by the training loop (see prunekit.recipes.distill)")
         confs = PruningConfig(pruners=tuple(p for c in pruning_confs for p in c.pruners))
-    return CompressionManager(model, _pruning.Pruning(model, confs))
+    return CompressionManager(model, _pruning.Pruning(model, confs, optimizer))
 
 
 def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None,

@@ -152,8 +152,10 @@ class PrunedLayer:
 
     # --- scoring ---------------------------------------------------------------------------------------------
     def reduced_scores(self, term: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
-                       buffer: Callable[[torch.Tensor], torch.Tensor], needs_grad: bool) -> torch.Tensor | None:
-        """``|term(weight, grad, out)|`` reduced to this layer's score granularity (None: no gradient).
+                       buffer: Callable[[torch.Tensor], torch.Tensor], needs_grad: bool,
+                       signed: bool = False) -> torch.Tensor | None:
+        """``|term(weight, grad, out)|`` reduced to this layer's score granularity (None: no gradient); with
+        ``signed`` the term is summed over each unit first and the sum's magnitude taken (a mask gradient).
 
         ``buffer(like)`` supplies the float32 ``out`` tensor the term is written into.
         """
@@ -161,7 +163,8 @@ class PrunedLayer:
         grad = weight.grad
         if needs_grad and grad is None:
             return None
-        return self.bound.reduce_abs(term(weight, grad, buffer(weight)))
+        out = term(weight, grad, buffer(weight))
+        return self.bound.reduce_sum_abs(out) if signed else self.bound.reduce_abs(out)
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return self.bound.unit_scores(scores)

@@ -49,8 +49,9 @@ class Pruner:
         if config.reg_type is not None and not isinstance(self.pattern, BlockPattern):
             raise ConfigError("reg_type", config.reg_type, f"group_lasso works on block patterns (NxM, channelxM, "
                                                            f"Nxchannel), not on {config.pattern!r}")
-        self.layers, self.skipped = self._bind_layers(model)
-        self.criterion = CRITERIA.get(config.criterion)(low_memory_usage=config.low_memory_usage)
+        criterion = CRITERIA.get(config.criterion)
+        self.layers, self.skipped = self._bind_layers(model, criterion)
+        self.criterion = criterion(low_memory_usage=config.low_memory_usage)
         self.schedule = Schedule(config.start_step, config.end_step, config.pruning_frequency,
                                  min(config.target_sparsity, config.max_sparsity_ratio_per_op),
                                  config.sparsity_decay_type)
@@ -59,14 +60,16 @@ class Pruner:
         self.last_event_step: int | None = None
         self.history: list[Event] = []
 
-    def _bind_layers(self, model: nn.Module) -> tuple[list, list[tuple[str, str]]]:
+    def _bind_layers(self, model: nn.Module, criterion: type) -> tuple[list, list[tuple[str, str]]]:
         cfg = self.config
         if isinstance(self.pattern, HeadPattern):
             return head_layers(model, cfg.op_names, cfg.excluded_op_names, cfg.criterion_reduce_type), []
         chosen = select(model, cfg.op_names, cfg.excluded_op_names, cfg.pruning_op_types)
         layers, skipped = [], []
         for cand in chosen:
-            bound = self.pattern.bind(cand.module.weight.shape, cand.layout, cfg.criterion_reduce_type)
+            # a criterion limited to some module types (block_mask: Linear) leaves the others dense
+            bound = criterion.module_error(cand.module) or \
+                self.pattern.bind(cand.module.weight.shape, cand.layout, cfg.criterion_reduce_type)
             if isinstance(bound, str):
                 skipped.append((cand.name, f"left dense: {bound}"))
                 warnings.warn(f"prunekit: {cand.name} left dense under pattern {cfg.pattern}: {bound}",
@@ -111,6 +114,8 @@ class Pruner:
         """Whether step ``step``'s gradients can still influence an event (scores are only read at events)."""
         if not self.criterion.needs_grad or step > self.schedule.final_step:
             return False
+        if self.criterion.window_only and step < self.schedule.start_step:
+            return False
         offset = step - self.schedule.start_step
         freq = self.schedule.frequency
         next_event = self.schedule.start_step if offset <= 0 else \
@@ -118,17 +123,23 @@ class Pruner:
         return next_event - step <= self.criterion.horizon
 
     # --- regularisation --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def regularize(self, step: int, lr_of: Callable[[torch.nn.Parameter], float]) -> None:
-        """Group lasso inside [start_step, end_step]: a proximal shrink of every block by lr · reg_coeff, after
-        the optimizer step (the original's gradient-norm version diverged to NaN; this cannot)."""
+    def regularizes(self, step: int) -> bool:
+        """Whether group lasso acts after optimizer step ``step`` (inside [start_step, end_step])."""
         cfg = self.config
-        if cfg.reg_type is None or cfg.reg_coeff == 0.0:
-            return
-        if not self.schedule.start_step <= step <= self.schedule.end_step:
+        return cfg.reg_type is not None and cfg.reg_coeff > 0.0 and \
+            self.schedule.start_step <= step <= self.schedule.end_step
+
+    @torch.no_grad()
+    def regularize(self, step: int, lr_of: Callable[[torch.nn.Parameter], float | None]) -> None:
+        """Group lasso inside [start_step, end_step]: a proximal shrink of every block by lr · reg_coeff, after
+        the optimizer step (the original's gradient-norm version diverged to NaN; this cannot). ``lr_of`` gives
+        the learning rate the optimizer used for a weight (None: it does not update it, so nothing shrinks)."""
+        if not self.regularizes(step):
             return
         for layer in self.layers:
-            layer.shrink_blocks_(lr_of(layer.weight) * cfg.reg_coeff)
+            lr = lr_of(layer.weight)
+            if lr:
+                layer.shrink_blocks_(lr * self.config.reg_coeff)
 
     # --- events ----------------------------------------------------------------------------------------------
     def current_sparsity(self) -> float:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from prunekit.config.schema import PrunerConfig, with_location
-from prunekit.errors import ConfigError, nearest
+from prunekit.errors import ConfigError, nearest, quote
 
 # ---- 2.x -------------------------------------------------------------------------------------------
 V2_EXTRA_KEYS = ("backend", "resume_from_pruned_checkpoint", "parameters")
@@ -53,6 +53,14 @@ _EPOCH_HINT = (
     "model's current sparsity (set lock_init_sparsity: true to keep existing zeros); method has no equivalent"
 )
 
+#: the largest YAML document read (a pruning config is a few kilobytes, an INC file with long op lists tens of them)
+MAX_YAML_BYTES = 1 << 20
+#: the deepest nesting of YAML collections accepted (a pruning config nests four or five levels)
+MAX_YAML_DEPTH = 50
+#: the most YAML nodes a config document may hold once its aliases are expanded: a pruning config has tens to
+#: hundreds; an alias bomb ("billion laughs") would otherwise turn a few lines into billions of values
+MAX_YAML_NODES = 100_000
+
 APPROACH_V1 = "weight_compression_pytorch"
 APPROACH_V2 = "weight_compression_v2"
 _PRUNER_TAGS = ("!Pruner", "!PrunerV2")
@@ -62,9 +70,30 @@ _PRUNER_TAGS = ("!Pruner", "!PrunerV2")
 class LegacyYamlLoader(yaml.SafeLoader):
     """A SafeLoader that reads ``!Pruner`` / ``!PrunerV2`` mappings as plain dicts and nothing else.
 
-    It also rejects duplicate keys (PyYAML silently keeps the last) and reads ``2:4`` as a string: YAML 1.1
+    It also rejects duplicate keys (PyYAML silently keeps the last), documents that expand (through aliases) to
+    more than :data:`MAX_YAML_NODES` nodes or refer to themselves, and reads ``2:4`` as a string: YAML 1.1
     would otherwise parse the unquoted N:M pattern as the base-60 integer 124.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        """PyYAML composes recursively: refuse deep nesting before Python's recursion limit is reached."""
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise YamlLimitError(f"allowed: collections nested at most {MAX_YAML_DEPTH} deep",
+                                     f"nesting too deep at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node:
+        """The document's node graph, checked for its expanded size before anything is constructed from it."""
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         """Like SafeLoader's, but a key given twice is an error instead of a silent overwrite."""
@@ -79,6 +108,49 @@ class LegacyYamlLoader(yaml.SafeLoader):
                                   f"key given twice, line {key_node.start_mark.line + 1}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class YamlLimitError(Exception):
+    """A document the loader refuses to expand; :func:`load_yaml` turns it into a ConfigError naming the source."""
+
+    def __init__(self, allowed: str, hint: str) -> None:
+        super().__init__(f"{allowed} ({hint})")
+        self.allowed, self.hint = allowed, hint
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, limit: int = MAX_YAML_NODES) -> None:
+    """Refuse a node graph whose tree, with every alias expanded, holds more than ``limit`` nodes, or which
+    contains itself. Each distinct node is visited once (sizes are memoised), so a bomb is measured in
+    microseconds without being expanded."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()  # nodes whose subtree is being measured: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            entered.discard(key)
+            size = 1 + sum(sizes[id(c)] for c in _children(node))
+            if size > limit:
+                raise YamlLimitError(f"allowed: at most {limit} YAML nodes once aliases are expanded (a pruning "
+                                     f"config has a few hundred)", f"alias expansion past the limit at line "
+                                     f"{node.start_mark.line + 1}")
+            sizes[key] = size
+        elif key not in sizes:
+            if key in entered:
+                raise YamlLimitError("allowed: aliases of nodes that do not contain the alias",
+                                     f"recursive alias at line {node.start_mark.line + 1}")
+            entered.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
 
 
 def _construct_pruner(loader: LegacyYamlLoader, node: yaml.Node) -> dict[Any, Any]:
@@ -116,7 +188,12 @@ def _looks_like_path(text: str) -> bool:
     """A one-line string naming a .yaml/.yml file or an existing file is a path, anything else is YAML text."""
     if "\n" in text:
         return False
-    return text.strip().lower().endswith((".yaml", ".yml")) or Path(text).is_file()
+    if text.strip().lower().endswith((".yaml", ".yml")):
+        return True
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long for a file name, or a NUL byte: it is text
+        return False
 
 
 def load_yaml(path_or_text: str | Path) -> Any:
@@ -126,15 +203,30 @@ def load_yaml(path_or_text: str | Path) -> Any:
         path = Path(path_or_text)
         if not path.is_file():
             raise ConfigError("config", str(path), "allowed: an existing YAML file, YAML text or a dict")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError("config", str(path), f"allowed: a YAML file of at most {MAX_YAML_BYTES} bytes",
+                              f"this one has {path.stat().st_size}")
         source, text = str(path), path.read_text(encoding="utf-8")
     elif isinstance(path_or_text, str):
         text = path_or_text
     else:
         raise ConfigError("config", path_or_text, "allowed: a YAML path or YAML text")
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError("config", source, f"allowed: YAML text of at most {MAX_YAML_BYTES} characters",
+                          f"this one has {len(text)}")
     try:
         return yaml.load(text, Loader=LegacyYamlLoader)  # noqa: S506 - LegacyYamlLoader is a SafeLoader
+    except YamlLimitError as err:
+        raise ConfigError("yaml", source, err.allowed, err.hint) from None
     except yaml.YAMLError as err:
-        raise ConfigError("yaml", source, "allowed: valid YAML", str(err).replace("\n", " ")) from None
+        raise ConfigError("yaml", source, "allowed: valid YAML", str(err).replace("\n", " ")[:500]) from None
+    except RecursionError:  # PyYAML composes recursively: thousands of nested brackets
+        raise ConfigError("yaml", source, "allowed: valid YAML nested a few levels deep",
+                          "nested too deeply to parse") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError("yaml", source, "allowed: valid YAML", str(err)[:200]) from None
 
 
 # ==== dispatch =========================================================================================
@@ -191,6 +283,11 @@ def _from_approach(approach: Mapping[str, Any]) -> list[PrunerConfig]:
     return pruners_from_kwargs(block.get("pruners"), {k: v for k, v in block.items() if k != "pruners"})
 
 
+def _key_text(key: Any) -> str:
+    """A mapping key as an error names it (YAML keys may be numbers or null; their quote is bounded)."""
+    return key if isinstance(key, str) else quote(key)
+
+
 # ==== 2.x ==============================================================================================
 def _v2_keys() -> list[str]:
     """Keys a 2.x global or local dict may hold."""
@@ -207,9 +304,9 @@ def normalise_v2(raw: Any, where: str) -> dict[str, Any]:
         raise ConfigError(where.removeprefix("in "), raw, "allowed: a dict of pruner keys")
     for key in raw:
         if key not in _v2_keys():
-            close = nearest(str(key), _v2_keys())
+            close = nearest(key, _v2_keys()) if isinstance(key, str) else None
             hint = f"did you mean {close!r}?; {where}" if close else where
-            raise ConfigError(str(key), raw[key], f"unknown key; allowed keys: {', '.join(_v2_keys())}", hint)
+            raise ConfigError(_key_text(key), raw[key], f"unknown key; allowed keys: {', '.join(_v2_keys())}", hint)
     out = {k: v for k, v in raw.items() if v is not None and k not in V2_EXTRA_KEYS}
     _flatten_parameters(raw.get("parameters"), out, where)
     backend = raw.get("backend")
@@ -232,7 +329,7 @@ def _flatten_parameters(parameters: Any, out: dict[str, Any], where: str) -> Non
         return
     if "reg_coeff" in out and out["reg_coeff"] != coeff:
         raise ConfigError("reg_coeff", out["reg_coeff"],
-                          f"allowed: one value; parameters.reg_coeff says {coeff!r}", where)
+                          f"allowed: one value; parameters.reg_coeff says {quote(coeff)}", where)
     out["reg_coeff"] = coeff
 
 
@@ -302,9 +399,9 @@ def translate_v1(raw: Any, where: str) -> tuple[dict[str, Any], list[str]]:
             if value is not None:
                 out[V1_RENAMES[key]] = value
         else:
-            close = nearest(str(key), _v1_keys())
+            close = nearest(key, _v1_keys()) if isinstance(key, str) else None
             hint = f"did you mean {close!r}?; {where}" if close else where
-            raise ConfigError(str(key), value, f"unknown 1.x key; allowed keys: {', '.join(_v1_keys())}", hint)
+            raise ConfigError(_key_text(key), value, f"unknown 1.x key; allowed keys: {', '.join(_v1_keys())}", hint)
     return out, excluded
 
 

@@ -27,8 +27,6 @@ PATTERN_LOCK = "pattern_lock"
 # What each field accepts, in words; used for every error message about that field.
 _ALLOWED: dict[str, str] = {
     "target_sparsity": "allowed: a float in [0, 1)",
-    "pruning_type": "allowed: a criterion name (magnitude, gradient, snip, snip_momentum, pattern_lock), "
-    "optionally with the suffix '_progressive'",
     "pattern": "allowed: NxM (e.g. 4x1), channelxM / Nxchannel, N:M with 0<N<M (e.g. 2:4), mha",
     "op_names": "allowed: a regex or a list of regexes (empty = every module)",
     "excluded_op_names": "allowed: a regex or a list of regexes",
@@ -58,6 +56,25 @@ def _criteria() -> Any:
     return CRITERIA
 
 
+#: the original's pruner types that are not part of prunekit, and what to say about them
+_NOT_CARRIED_OVER = {
+    name: "the original's dataloader-driven post-training pruners (sparse_gpt, retrain_free, wanda) are not part "
+          "of this release"
+    for name in ("sparse_gpt", "sparsegpt", "retrain_free", "wanda")
+}
+
+
+def _pruning_types() -> list[str]:
+    """Every valid ``pruning_type``: each registered criterion, and its progressive form (not pattern_lock)."""
+    names = list(_criteria())
+    return names + [n + PROGRESSIVE_SUFFIX for n in names if n != PATTERN_LOCK]
+
+
+def _pruning_type_allowed() -> str:
+    return (f"allowed: a criterion name ({', '.join(_criteria())}), optionally with the suffix "
+            f"'{PROGRESSIVE_SUFFIX}'")
+
+
 def _literal_options(model: type[BaseModel], key: str) -> tuple[Any, ...] | None:
     """The allowed values of a ``Literal`` field (None options dropped), or None for other fields."""
     field = model.model_fields.get(key)
@@ -79,6 +96,8 @@ def _allowed(model: type[BaseModel], key: str) -> str:
     options = _literal_options(model, key)
     if options:
         return "allowed: " + ", ".join(repr(o) for o in options)
+    if key == "pruning_type":
+        return _pruning_type_allowed()
     return _ALLOWED.get(key, "see the prunekit configuration reference")
 
 
@@ -102,7 +121,8 @@ def _config_error_from(exc: ValidationError, model: type[BaseModel]) -> ConfigEr
     if err["type"] == "missing":
         return ConfigError(key, None, f"required; {_allowed(model, key)}")
     options = _literal_options(model, key)
-    close = nearest(str(value), [str(o) for o in options]) if options else None
+    # only a string can be a typo of an option (str() of a YAML alias bomb would never finish)
+    close = nearest(value, [str(o) for o in options]) if options and isinstance(value, str) else None
     if options:  # the allowed text already lists the options; pydantic's message would repeat them
         hint = f"did you mean {close!r}?" if close else None
     else:
@@ -261,12 +281,13 @@ class PrunerConfig(_Frozen):
     @classmethod
     def _known_pruning_type(cls, value: str) -> str:
         base = value.removesuffix(PROGRESSIVE_SUFFIX)
-        try:
-            _criteria().get(base)
-        except ConfigError as err:
-            raise ConfigError("pruning_type", value, _ALLOWED["pruning_type"], err.hint) from None
+        if base not in _criteria():
+            # the nearest of the pruning types (progressive forms included), never of other keys
+            close = nearest(value, _pruning_types())
+            hint = _NOT_CARRIED_OVER.get(base) or (f"did you mean {close!r}?" if close else None)
+            raise ConfigError("pruning_type", value, _pruning_type_allowed(), hint)
         if base == PATTERN_LOCK and base != value:
-            raise ConfigError("pruning_type", value, _ALLOWED["pruning_type"],
+            raise ConfigError("pruning_type", value, _pruning_type_allowed(),
                               "pattern_lock keeps an existing pattern and has no progressive form")
         return value
 
@@ -317,7 +338,12 @@ class PrunerConfig(_Frozen):
             raise ConfigError("end_step", self.end_step,
                               f"allowed: equal to start_step ({self.start_step}) for pruning_type 'pattern_lock'",
                               "pattern_lock only fixes the existing zeros once")
-        self._apply_pattern_maximum(_parse_pattern(self.pattern).max_sparsity)
+        pattern = _parse_pattern(self.pattern)
+        unfit = _criteria().get(self.criterion).pattern_error(pattern)
+        if unfit:
+            raise ConfigError("pattern", self.pattern, f"allowed: {unfit}",
+                              f"pruning_type {self.pruning_type!r}")
+        self._apply_pattern_maximum(pattern.max_sparsity)
         if self.min_sparsity_ratio_per_op > self.max_sparsity_ratio_per_op:
             raise ConfigError("min_sparsity_ratio_per_op", self.min_sparsity_ratio_per_op,
                               f"allowed: a float in [0, max_sparsity_ratio_per_op = "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.criteria.base import Criterion, GradientCriterion
+from prunekit.criteria.block_mask import BlockMask
 from prunekit.registry import Registry
 
 CRITERIA: Registry[type[Criterion]] = Registry("pruning_type")
@@ -61,5 +62,7 @@ class PatternLock(Criterion):
         raise RuntimeError("pattern_lock does not rank units")
 
 
+CRITERIA.register("block_mask")(BlockMask)  # the original's learnable block mask, see criteria/block_mask.py
+
 __all__ = ["CRITERIA", "Criterion", "GradientCriterion", "Magnitude", "Gradient", "Snip", "SnipMomentum",
-           "PatternLock"]
+           "PatternLock", "BlockMask"]

@@ -25,6 +25,18 @@ class Criterion(ABC):
     needs_grad: bool = False
     #: True for pattern_lock: masks come from the existing zeros, not from scores
     locks: bool = False
+    #: True when scores accumulate only inside [start_step, end_step] (block_mask, as the original)
+    window_only: bool = False
+
+    @classmethod
+    def pattern_error(cls, pattern: Any) -> str | None:
+        """Why this criterion cannot rank units of ``pattern`` (a parsed Pattern); None when it can."""
+        return None
+
+    @classmethod
+    def module_error(cls, module: torch.nn.Module) -> str | None:
+        """Why this criterion leaves ``module`` dense; None when it can prune it."""
+        return None
 
     def __init__(self, low_memory_usage: bool = False) -> None:
         self.score_dtype = torch.bfloat16 if low_memory_usage else torch.float32
@@ -106,6 +118,10 @@ class GradientCriterion(Criterion):
             view = self._views[key] = self._scratch[: like.numel()].view(like.shape)
         return view
 
+    def step_scores(self, layer: "PrunedLayer") -> torch.Tensor | None:
+        """This step's term of ``layer`` at score granularity (None: no gradient reached it)."""
+        return layer.reduced_scores(self.step_term, self._buffer, needs_grad=True)
+
     def _fused_step(self, layer: "PrunedLayer", mask_grad: bool) -> tuple[bool, bool]:
         """The whole update of one layer (and its gradient mask) in one pass of the CPU kernel. Returns
         (scores updated, gradient masked); (False, False) when the kernel does not apply."""
@@ -138,7 +154,7 @@ class GradientCriterion(Criterion):
                 masked.add(id(layer))
             if fused:
                 continue
-            term = layer.reduced_scores(self.step_term, self._buffer, needs_grad=True)
+            term = self.step_scores(layer)
             if term is None:  # no gradient reached this layer in this step
                 continue
             old = self.scores.get(layer.name)

@@ -77,6 +77,11 @@ class BoundPattern(ABC):
         overwritten."""
         return self.reduce_scores(x.abs_())
 
+    def reduce_sum_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """``|Σ x|`` over each unit (the gradient of a per-unit mask multiplier, when ``x`` is W·G), at
+        ``score_shape``; ``x`` may be overwritten. Only patterns whose units are blocks have it."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-unit sum")
+
     @abstractmethod
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Stored scores → one float per unit, flat (lower = pruned first)."""

@@ -60,6 +60,9 @@ class BlockBound(BoundPattern):
     def reduce_scores(self, elem: torch.Tensor) -> torch.Tensor:
         return reduce_dims(self.view(elem), self.within, self._how)
 
+    def reduce_sum_abs(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_dims(self.view(x), self.within, "sum").abs_()
+
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.reshape(-1)
 
