@@ -68,3 +68,92 @@ def test_update_items_2x_names_and_conflicts():
     with pytest.raises(ConfigError, match="frobnicate.*unknown key.*update_frequency_on_step"):
         prune.update_items_for_all_pruners(frobnicate=1)
     assert prune.config.pruners[0].pruning_frequency == 4  # a refused update changes nothing
+
+
+# ---- item 8: the evaluation callbacks ------------------------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.out = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def data(step: int):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+
+
+CALLBACK_CFG = dict(target_sparsity=0.5, pattern="4x1", pruning_type="snip_momentum", start_step=2, end_step=8,
+                    pruning_frequency=2)
+
+
+def run_callbacks(callbacks, model: nn.Module, steps: int, evaluate: bool) -> None:
+    """The original's documented loop; with ``evaluate``, an evaluation (as its tests run it) after every step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    callbacks.on_train_begin()
+    for step in range(steps):
+        callbacks.on_step_begin(step)
+        x, y = data(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        callbacks.on_before_optimizer_step()
+        optimizer.step()
+        callbacks.on_after_optimizer_step()
+        optimizer.zero_grad()
+        callbacks.on_step_end()
+        if evaluate:
+            callbacks.on_before_eval()
+            model.eval()
+            with torch.no_grad():
+                model(data(1000 + step)[0])
+            model.train()
+            callbacks.on_after_eval()
+
+
+@pytest.mark.parametrize("form", ["prepare_compression", "1.x Pruning", "prunekit.Pruning"])
+def test_eval_callbacks_exist_and_change_nothing(form):
+    """The original's tests call on_before_eval() / on_after_eval() around evaluation; they were AttributeErrors.
+    A run with them ends exactly as a run without them."""
+    from prunekit.compat import WeightPruningConfig, prepare_compression
+
+    def build(model):
+        if form == "prepare_compression":
+            return prepare_compression(model, WeightPruningConfig(**CALLBACK_CFG)).callbacks
+        if form == "1.x Pruning":
+            prune = Pruning(WeightPruningConfig(**CALLBACK_CFG))
+            prune.model = model
+            return prune
+        return prunekit.Pruning(model, CALLBACK_CFG)
+
+    results = []
+    for evaluate in (False, True):
+        model = Net()
+        callbacks = build(model)
+        run_callbacks(callbacks, model, 10, evaluate)
+        results.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                        callbacks.state_dict()))
+    (plain, plain_state), (evaluated, evaluated_state) = results
+    assert evaluated_state["global_step"] == plain_state["global_step"] == 10
+    for name in plain:
+        assert torch.equal(plain[name], evaluated[name]), name
+    for a, b in zip(plain_state["pruners"], evaluated_state["pruners"]):
+        assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
+        assert all(torch.equal(a["criterion"]["scores"][k], b["criterion"]["scores"][k])
+                   for k in a["criterion"]["scores"])
+
+
+def test_on_before_eval_evaluates_the_pruned_model():
+    model = Net()
+    pruning = prunekit.Pruning(model, dict(CALLBACK_CFG, pruning_type="magnitude", start_step=0, end_step=0,
+                                             pruning_scope="local"))
+    pruning.on_train_begin()
+    zeros = model.fc1.weight == 0
+    assert zeros.float().mean() == pytest.approx(0.5)
+    with torch.no_grad():  # something outside the optimizer step wrote into pruned weights
+        model.fc1.weight.add_(1.0)
+    pruning.on_before_eval()
+    assert torch.equal(model.fc1.weight == 0, zeros)
+    pruning.on_after_eval()
+    assert torch.equal(model.fc1.weight == 0, zeros) and pruning.global_step == 0

@@ -151,6 +151,17 @@ class Pruning:
     def on_epoch_end(self, *args: Any, **kwargs: Any) -> None:
         """No-op (kept for the original's loop contract)."""
 
+    def on_before_eval(self, *args: Any, **kwargs: Any) -> None:
+        """Before an evaluation: the masks are applied to the weights once more (a no-op unless the weights were
+        changed outside the optimizer step), so evaluation sees the pruned model. The step counter, scores and
+        masks are left alone: evaluation never advances pruning (the original's hook did nothing at all)."""
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.apply_()
+
+    def on_after_eval(self, *args: Any, **kwargs: Any) -> None:
+        """No-op (kept for the original's loop contract): the masks stay applied after an evaluation."""
+
     def on_train_end(self, *args: Any, print_report: bool = True, **kwargs: Any):
         """Apply the final masks once more and print (and return) the sparsity report."""
         with torch.no_grad():
