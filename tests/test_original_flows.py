@@ -157,3 +157,40 @@ def test_on_before_eval_evaluates_the_pruned_model():
     assert torch.equal(model.fc1.weight == 0, zeros)
     pruning.on_after_eval()
     assert torch.equal(model.fc1.weight == 0, zeros) and pruning.global_step == 0
+
+
+# ---- item 9: a pattern that tiles none of a pruner's layers --------------------------------------------------
+@pytest.mark.parametrize("pruning_type", ["magnitude", "snip_momentum", "snip_momentum_progressive"])
+def test_pruner_whose_pattern_tiles_nothing_leaves_its_layers_dense(pruning_type):
+    """5x1 on 64-row layers: the original and the README leave such layers dense with a warning; only a config
+    none of whose pruners prunes anything is an error."""
+    model = Net()
+    fc2_before = model.fc2.weight.detach().clone()
+    cfg = {"pruning_type": pruning_type, "target_sparsity": 0.5, "start_step": 0, "end_step": 8,
+           "pruning_frequency": 4,
+           "pruning_configs": [{"op_names": ["fc1"], "pattern": "4x1"}, {"op_names": ["fc2"], "pattern": "5x1"}]}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.warns(UserWarning, match="pruner1 prunes nothing"):
+        pruning = prunekit.prepare_pruning(model, cfg, optimizer)
+    assert [l.name for l in pruning.layers] == ["fc1"]
+    for step in range(14):  # the last event at 8, its progressive phases up to 11
+        x, y = data(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float((model.fc1.weight == 0).float().mean()) == pytest.approx(0.5)
+    assert torch.equal(model.fc2.weight, fc2_before)
+    report = pruning.on_train_end(print_report=False)
+    rows = {r.name: r for r in report.layers}
+    assert rows["fc2"].status != "pruned" and "5x1" in report.table()
+    state = pruning.state_dict()
+    fresh = prunekit.Pruning(Net(), cfg)
+    fresh.load_state_dict(state)
+    assert fresh.global_step == 14
+
+
+def test_config_whose_pruners_prune_nothing_is_a_selection_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(prunekit.SelectionError, match="no pruner of this config prunes anything.*5x1"):
+            prunekit.Pruning(Net(), {"pruning_configs": [{"op_names": ["fc1", "fc2"], "pattern": "5x1"}]})

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.criteria import CRITERIA
-from prunekit.errors import ConfigError, SelectionError
+from prunekit.errors import ConfigError
 from prunekit.masks import PrunedLayer
 from prunekit.patterns import BlockPattern, parse_pattern
 from prunekit.patterns.heads import HeadPattern, head_layers
@@ -74,13 +74,14 @@ class Pruner:
                 continue
             layers.append(PrunedLayer(cand.name, cand.module, bound, self.pattern.spec,
                                       packed=cfg.low_memory_usage))
-        if not layers:
-            raise SelectionError(f"{self.name}: every selected layer was left dense: {skipped}")
+        if not layers and skipped:  # the original left them dense too; Pruning raises if no pruner prunes anything
+            warnings.warn(f"prunekit: {self.name} prunes nothing: pattern {cfg.pattern} tiles none of its "
+                          f"{len(skipped)} selected layers", stacklevel=3)
         return layers, skipped
 
     def _progression(self) -> Progression | None:
         cfg, sched = self.config, self.schedule
-        if not cfg.progressive:
+        if not cfg.progressive or not self.layers:
             return None
         reason = None
         if not isinstance(self.pattern, BlockPattern):
@@ -99,7 +100,7 @@ class Pruner:
     # --- schedule --------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
         """Whether an event (or a progressive phase) is scheduled at ``step`` and has not run yet."""
-        if self.last_event_step == step:
+        if self.last_event_step == step or not self.layers:  # a pruner whose pattern tiles nothing is inert
             return False
         return self.schedule.event_index(step) is not None or (
             self.progression is not None and self.progression.due(step))
@@ -109,7 +110,7 @@ class Pruner:
 
     def wants_gradients(self, step: int) -> bool:
         """Whether step ``step``'s gradients can still influence an event (scores are only read at events)."""
-        if not self.criterion.needs_grad or step > self.schedule.final_step:
+        if not self.criterion.needs_grad or step > self.schedule.final_step or not self.layers:
             return False
         offset = step - self.schedule.start_step
         freq = self.schedule.frequency

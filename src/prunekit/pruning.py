@@ -59,6 +59,10 @@ class Pruning:
             for i, c in enumerate(self.config.pruners):
                 self.pruners.append(Pruner(model, c, f"pruner{i}"))
             self._check_disjoint()
+            if not self.layers:  # each pruner's pattern tiles none of its layers: nothing would ever be pruned
+                raise SelectionError("no pruner of this config prunes anything; every selected layer was left "
+                                     "dense: " + "; ".join(f"{p.name} ({p.config.pattern}): {p.skipped}"
+                                                          for p in self.pruners))
         except Exception:
             for layer in self.layers:  # a refused config leaves the model as it found it
                 layer.detach()
