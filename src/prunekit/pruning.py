@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from prunekit.config import PruningConfig, load_config
 from prunekit.distributed import broadcast_masks, is_distributed
-from prunekit.errors import SelectionError
-from prunekit.pruner import Pruner
+from prunekit.errors import ConfigError, SelectionError
+from prunekit.pruner import MAX_STEP, Pruner
 
 logger = logging.getLogger("prunekit")
 
@@ -226,16 +226,33 @@ class Pruning:
             "pruners": [p.state_dict() for p in self.pruners],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the masks are applied to the weights at once."""
+    def check_state(self, state: Any) -> None:
+        """Validate a saved state like a config: ConfigError naming the key, the value and what is allowed.
+
+        Everything :meth:`load_state_dict` reads is checked (version, step counter, per pruner its layers, mask
+        shapes and dtypes, finite scores of the right shapes, event history) before anything is changed."""
+        if not isinstance(state, Mapping):
+            raise ConfigError("pruning state", type(state).__name__, "allowed: a dict made by Pruning.state_dict()")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"pruning state version {state.get('version')!r} is not supported "
-                             f"(this prunekit reads version {STATE_VERSION})")
-        if len(state["pruners"]) != len(self.pruners):
-            raise ValueError(f"the saved pruning state has {len(state['pruners'])} pruners, "
-                             f"this config has {len(self.pruners)}")
+            raise ConfigError("version", state.get("version"), f"allowed: {STATE_VERSION} (the pruning state "
+                                                               "version this prunekit reads)")
+        step = state.get("global_step")
+        if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_STEP):
+            raise ConfigError("global_step", step, f"allowed: an int in [0, {MAX_STEP}]")
+        pruners = state.get("pruners")
+        if not isinstance(pruners, (list, tuple)) or len(pruners) != len(self.pruners):
+            count = len(pruners) if isinstance(pruners, (list, tuple)) else pruners
+            raise ConfigError("pruners", count, f"allowed: a list of {len(self.pruners)} pruner states (this "
+                                                f"config has {len(self.pruners)} pruners)")
+        for i, (pruner, pstate) in enumerate(zip(self.pruners, pruners)):
+            pruner.check_state(pstate, step, f"pruners[{i}]")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the masks are applied to the weights at once. The whole state is checked
+        first (:meth:`check_state`): a refused state leaves this object and the model untouched."""
+        self.check_state(state)
         for pruner, pstate in zip(self.pruners, state["pruners"]):
-            pruner.load_state_dict(pstate)
+            pruner.load_state_dict(pstate, state["global_step"])
         self.global_step = int(state["global_step"])
         self._in_step = False
 

@@ -1,0 +1,105 @@
+"""The engine against careless or hostile use (issue 13, items 7, 12, 14): a saved state is validated like a
+config, re-running prepare_pruning replaces the first one, and a step GradScaler skips contributes nothing."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from conftest import MLP, batch, masks_of, train_step
+from prunekit.errors import ConfigError
+
+CFG = {"pruning_type": "snip_momentum", "target_sparsity": 0.6, "start_step": 2, "end_step": 8,
+       "pruning_frequency": 2}
+
+
+def trained(steps: int = 5):
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruning = prunekit.prepare_pruning(model, CFG, opt)
+    for step in range(steps):
+        train_step(model, opt, step)
+    return model, opt, pruning
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two Pruning.state_dict() results are equal (tensors compared by value)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+# ---- item 14: load_state_dict validates the state like a config -----------------------------------------------
+def _set(path, value):
+    def edit(state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+    return edit
+
+
+BAD_STATES = {
+    "masks {}": (_set(("pruners", 0, "masks"), {}), "pruners[0].masks"),
+    "global_step negative": (_set(("global_step",), -3), "global_step: got -3"),
+    "global_step string": (_set(("global_step",), "5"), "global_step: got '5'"),
+    "global_step absurd": (_set(("global_step",), 10**30), "global_step"),
+    "global_step bool": (_set(("global_step",), True), "global_step: got True"),
+    "scores inf": (_set(("pruners", 0, "criterion", "scores", "fc1"),
+                        lambda t: t.index_fill(0, torch.tensor([0]), float("inf"))), r"scores\['fc1'\].*inf/NaN"),
+    "scores NaN": (_set(("pruners", 0, "criterion", "scores", "fc2"),
+                        lambda t: t.index_fill(0, torch.tensor([1]), float("nan"))), r"scores\['fc2'\].*inf/NaN"),
+    "scores wrong shape": (_set(("pruners", 0, "criterion", "scores", "fc2"), lambda t: t[:1]),
+                           r"scores\['fc2'\].*shape"),
+    "mask float": (_set(("pruners", 0, "masks", "fc1"), lambda t: t.float()), r"masks\['fc1'\].*bool"),
+    "mask shape": (_set(("pruners", 0, "masks", "fc3"), lambda t: t[:1]), r"masks\['fc3'\].*shape"),
+    "mask missing": (lambda s: s["pruners"][0]["masks"].pop("fc2"), "pruners[0].masks"),
+    "unknown layer score": (_set(("pruners", 0, "criterion", "scores", "fc9"), torch.zeros(3)),
+                            "criterion.scores"),
+    "pruners not a list": (_set(("pruners",), {"0": 1}), "pruners"),
+    "pruner count": (_set(("pruners",), lambda p: p + p), "pruners: got 2"),
+    "last event in the future": (_set(("pruners", 0, "last_event_step"), 99), "last_event_step: got 99"),
+    "history garbage": (_set(("pruners", 0, "history"), [("a", 1)]), "history"),
+    "initial sparsity": (_set(("pruners", 0, "initial_sparsity"), 7.0), "initial_sparsity: got 7.0"),
+    "missing key": (lambda s: s["pruners"][0].pop("criterion"), "pruners[0].criterion"),
+    "not a dict": (None, "pruning state"),
+    "version": (_set(("version",), 99), "version: got 99"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_bad_state_is_one_config_error_and_changes_nothing(case):
+    edit, message = BAD_STATES[case]
+    model, opt, pruning = trained(7)  # events at 4 and 6 ran: masks, scores and history are non-trivial
+    state = copy.deepcopy(pruning.state_dict())
+    if edit is None:
+        state = [state]
+    else:
+        edit(state)
+    # the object to load into has its own, different progress
+    other_model, other_opt, other = trained(3)
+    before = copy.deepcopy(other.state_dict())
+    weights = {n: p.detach().clone() for n, p in other_model.named_parameters()}
+    with pytest.raises(ConfigError) as info:
+        other.load_state_dict(state)
+    assert len(str(info.value).splitlines()) == 1
+    assert message in str(info.value) or re.search(message, str(info.value)), str(info.value)
+    assert same_state(other.state_dict(), before), "a refused state must leave the pruning untouched"
+    assert all(torch.equal(p, weights[n]) for n, p in other_model.named_parameters())
+    train_step(other_model, other_opt, 3)  # and it still runs
+    assert other.global_step == 4
+
+
+def test_good_state_still_loads():
+    model, opt, pruning = trained(7)
+    _, _, other = trained(3)
+    other.load_state_dict(pruning.state_dict())
+    assert same_state(other.state_dict(), pruning.state_dict())
