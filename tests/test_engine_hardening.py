@@ -3,7 +3,9 @@ config, re-running prepare_pruning replaces the first one, and a step GradScaler
 from __future__ import annotations
 
 import copy
+import io
 import re
+import warnings
 
 import pytest
 import torch
@@ -103,3 +105,70 @@ def test_good_state_still_loads():
     _, _, other = trained(3)
     other.load_state_dict(pruning.state_dict())
     assert same_state(other.state_dict(), pruning.state_dict())
+
+
+# ---- item 12: prepare_pruning twice on the same model and optimizer ------------------------------------------
+def test_prepare_pruning_twice_replaces_the_first_with_a_warning():
+    """A re-run notebook cell: two sets of hooks ran the schedule twice per step (wrong sparsity)."""
+    once_model = MLP()
+    once_opt = torch.optim.SGD(once_model.parameters(), lr=0.05, momentum=0.9)
+    once = prunekit.prepare_pruning(once_model, CFG, once_opt)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first = prunekit.prepare_pruning(model, CFG, opt)
+    with pytest.warns(UserWarning, match="already pruned by an earlier Pruning.*replacing it"):
+        second = prunekit.prepare_pruning(model, CFG, opt)
+    assert len(opt._optimizer_step_pre_hooks) == len(opt._optimizer_step_post_hooks) == 1
+    for step in range(10):
+        train_step(once_model, once_opt, step)
+        train_step(model, opt, step)
+    assert second.global_step == once.global_step == 10
+    assert first.global_step == 0  # the first one no longer runs
+    assert second.current_sparsity() == pytest.approx(0.6, abs=0.01)
+    for name, mask in masks_of(once).items():
+        assert torch.equal(masks_of(second)[name], mask), name
+    for (name, p), q in zip(model.named_parameters(), once_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_prepare_pruning_again_with_another_pattern_replaces_the_first():
+    """With another config the stacked hooks met masks of the other pattern's shape: a deep shape error."""
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    prunekit.prepare_pruning(model, CFG, opt)
+    for step in range(3):
+        train_step(model, opt, step)
+    with pytest.warns(UserWarning, match="replacing it"):
+        pruning = prunekit.prepare_pruning(model, dict(CFG, pattern="2:4", target_sparsity=0.5), opt)
+    for step in range(10):
+        train_step(model, opt, step)
+    for layer in pruning.layers:  # exactly 2 zeros in every group of 4 inputs
+        groups = (layer.weight == 0).view(layer.weight.shape[0], -1, 4).sum(-1)
+        assert bool((groups == 2).all()), layer.name
+
+
+def test_disjoint_prunings_on_one_model_do_not_replace_each_other():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = prunekit.prepare_pruning(model, dict(CFG, op_names=["fc1"]), opt)
+        b = prunekit.prepare_pruning(model, dict(CFG, op_names=["fc2"]), opt)
+    for step in range(10):
+        train_step(model, opt, step)
+    assert a.global_step == b.global_step == 10
+    assert a.current_sparsity() == pytest.approx(0.6, abs=0.02) and b.current_sparsity() == pytest.approx(0.6, abs=0.02)
+
+
+def test_a_deep_copied_or_pickled_model_is_not_owned():
+    model, opt, pruning = trained(3)
+    clone = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = prunekit.Pruning(clone, CFG)  # no warning: the copy is not driven by `pruning`
+    assert pruning.layers[0].holder._buffers.get("weight_prune_mask") is not None
+    assert other.layers[0].holder is not pruning.layers[0].holder
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=False)

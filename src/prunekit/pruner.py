@@ -83,8 +83,10 @@ class Event:
 class Pruner:
     """Prunes the layers selected by one config entry."""
 
-    def __init__(self, model: nn.Module, config: "PrunerConfig", name: str = "pruner0") -> None:
+    def __init__(self, model: nn.Module, config: "PrunerConfig", name: str = "pruner0",
+                 claim: Callable[[nn.Module], None] | None = None) -> None:
         self.config, self.name = config, name
+        self._claim = claim or (lambda module: None)  # called on each selected module before a mask is attached
         self.pattern = parse_pattern(config.pattern)
         if config.reg_type is not None and not isinstance(self.pattern, BlockPattern):
             raise ConfigError("reg_type", config.reg_type, f"group_lasso works on block patterns (NxM, channelxM, "
@@ -102,10 +104,12 @@ class Pruner:
     def _bind_layers(self, model: nn.Module) -> tuple[list, list[tuple[str, str]]]:
         cfg = self.config
         if isinstance(self.pattern, HeadPattern):
-            return head_layers(model, cfg.op_names, cfg.excluded_op_names, cfg.criterion_reduce_type), []
+            return head_layers(model, cfg.op_names, cfg.excluded_op_names, cfg.criterion_reduce_type,
+                               self._claim), []
         chosen = select(model, cfg.op_names, cfg.excluded_op_names, cfg.pruning_op_types)
         layers, skipped = [], []
         for cand in chosen:
+            self._claim(cand.module)
             bound = self.pattern.bind(cand.module.weight.shape, cand.layout, cfg.criterion_reduce_type)
             if isinstance(bound, str):
                 skipped.append((cand.name, f"left dense: {bound}"))

@@ -23,6 +23,7 @@ from torch import nn
 from prunekit.config import PruningConfig, load_config
 from prunekit.distributed import broadcast_masks, is_distributed
 from prunekit.errors import ConfigError, SelectionError
+from prunekit.masks import owner_of, set_owner
 from prunekit.pruner import MAX_STEP, Pruner
 
 logger = logging.getLogger("prunekit")
@@ -55,9 +56,10 @@ class Pruning:
         self.config: PruningConfig = load_config(config)
         self.pruners: list[Pruner] = []
         self._layers: list | None = None
+        self._replaced: list[Pruning] = []
         try:
             for i, c in enumerate(self.config.pruners):
-                self.pruners.append(Pruner(model, c, f"pruner{i}"))
+                self.pruners.append(Pruner(model, c, f"pruner{i}", claim=self._claim))
             self._check_disjoint()
             if not self.layers:  # each pruner's pattern tiles none of its layers: nothing would ever be pruned
                 raise SelectionError("no pruner of this config prunes anything; every selected layer was left "
@@ -67,6 +69,9 @@ class Pruning:
             for layer in self.layers:  # a refused config leaves the model as it found it
                 layer.detach()
             raise
+        for layer in self.layers:
+            set_owner(layer.holder, self)
+        self._replaced.clear()  # replaced Prunings are not kept alive
         self.optimizer: torch.optim.Optimizer | None = None
         self.global_step = 0
         self._in_step = False  # between the before- and after-step stages
@@ -75,6 +80,22 @@ class Pruning:
         self._hook_depth = 0  # an optimizer subclass calling super().step() fires the hooks nested
         if optimizer is not None:
             self.attach(optimizer)
+
+    def _claim(self, module: nn.Module) -> None:
+        """A module about to be masked still carries an earlier Pruning's masks (prepare_pruning run twice on the
+        same model, e.g. a re-run notebook cell): that Pruning is replaced, not stacked. Two live Prunings on one
+        layer would both hook the optimizer, so the schedule ran twice per step (wrong sparsity) or a mask of
+        another pattern met the other's shapes (a deep shape error). Replacing is safe: its hooks and masks go,
+        the zeros it made stay in the weights (as after ``detach(remove_masks=True)``); refusing would leave a
+        notebook user no way on except restarting the kernel."""
+        old = owner_of(module)
+        if old is None or old is self or old in self._replaced:
+            return
+        warnings.warn(f"prunekit: {type(module).__name__} layers of this model are already pruned by an earlier "
+                      "Pruning (prepare_pruning / Pruning called twice on the same model?); replacing it: its "
+                      "optimizer hooks and masks are removed, the zeros it made stay in the weights", stacklevel=5)
+        old.detach(remove_masks=True)
+        self._replaced.append(old)
 
     def _check_disjoint(self) -> None:
         owner: dict[str, str] = {}

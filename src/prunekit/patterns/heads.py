@@ -201,13 +201,22 @@ class HeadLayer:
                         shape[axis] = -1
                         value.mul_(keep.view(shape))
 
+    @property
+    def holder(self) -> nn.Module:
+        """The module that carries the head mask buffer."""
+        return self.container
+
     def detach(self) -> None:
+        from prunekit.masks import set_owner
+
         self.container._buffers.pop(HEAD_MASK, None)
+        set_owner(self.container, None)
 
 
 def head_layers(model: nn.Module, op_names: Sequence[str], excluded_op_names: Sequence[str],
-                reduce: str) -> list[HeadLayer]:
-    """A HeadLayer per detected attention block whose name (or a member's) matches the selection regexes."""
+                reduce: str, claim: Callable[[nn.Module], None] | None = None) -> list[HeadLayer]:
+    """A HeadLayer per detected attention block whose name (or a member's) matches the selection regexes;
+    ``claim`` is called on each chosen block's modules before its mask is attached."""
     import re
 
     from prunekit.errors import SelectionError
@@ -227,4 +236,8 @@ def head_layers(model: nn.Module, op_names: Sequence[str], excluded_op_names: Se
         found = ", ".join(g.name for g in groups) or "none"
         raise SelectionError(f"pattern 'mha': op_names={list(op_names)!r}, excluded_op_names="
                              f"{list(excluded_op_names)!r} select no attention block; detected blocks: {found}")
+    if claim is not None:
+        for g in chosen:
+            for name in dict.fromkeys(names(g)):
+                claim(model.get_submodule(name) if name else model)
     return [HeadLayer(model, g, reduce) for g in chosen]
