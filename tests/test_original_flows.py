@@ -194,3 +194,78 @@ def test_config_whose_pruners_prune_nothing_is_a_selection_error():
         warnings.simplefilter("ignore")
         with pytest.raises(prunekit.SelectionError, match="no pruner of this config prunes anything.*5x1"):
             prunekit.Pruning(Net(), {"pruning_configs": [{"op_names": ["fc1", "fc2"], "pattern": "5x1"}]})
+
+
+# ---- item 4: the original's auto-slim step by step -----------------------------------------------------------
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def bert_batches(n: int):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 100, (4, 12), generator=gen), torch.randint(0, 2, (4,), generator=gen))
+            for _ in range(n)]
+
+
+def auto_slim_training(steps: int):
+    """The original's model_slim README and examples, step by step: parse_auto_slim_config ->
+    WeightPruningConfig -> prepare_compression -> the callbacks through on_train_end()."""
+    from prunekit.compat import WeightPruningConfig, parse_auto_slim_config, prepare_compression
+
+    model = tiny_bert()
+    pruning_configs = []
+    pruning_configs += parse_auto_slim_config(model, ffn2_sparsity=0.5, mha_sparsity=0.5)
+    configs = WeightPruningConfig(pruning_configs, target_sparsity=0.5, pruning_type="snip_momentum",
+                                  start_step=1, end_step=5, pruning_frequency=2)
+    compression_manager = prepare_compression(model, configs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compression_manager.callbacks.on_train_begin()
+    model.train()
+    for step, (ids, labels) in enumerate(bert_batches(steps)):
+        compression_manager.callbacks.on_step_begin(step)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        compression_manager.callbacks.on_before_optimizer_step()
+        optimizer.step()
+        compression_manager.callbacks.on_after_optimizer_step()
+        optimizer.zero_grad()
+        compression_manager.callbacks.on_step_end()
+    compression_manager.callbacks.on_train_end(print_report=False)
+    return model.eval(), compression_manager
+
+
+@pytest.mark.parametrize("slimmer", ["model_slim", "prunekit.slim"])
+def test_auto_slim_step_by_step_needs_nothing_after_on_train_end(slimmer):
+    """After on_train_end the zeros are in the weights and model_slim(model) just works, as in the original; it
+    raised 'still carries pruning masks; call Pruning.detach(remove_masks=True)'."""
+    from prunekit.compat import model_slim
+
+    model, manager = auto_slim_training(8)
+    ids = bert_batches(1)[0][0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    if slimmer == "model_slim":
+        model = model_slim(model, round_multiplier=1)
+    else:
+        prunekit.slim(model)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert sum(layer.intermediate.dense.out_features for layer in model.bert.encoder.layer) == 64
+    assert sum(layer.attention.self.num_attention_heads for layer in model.bert.encoder.layer) == 8
+    assert not [n for n, _ in model.named_buffers() if n.endswith("_prune_mask")]
+    loss = model(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)).loss  # the slim model still trains
+    loss.backward()
+
+
+def test_slimming_while_the_schedule_still_runs_says_so():
+    model, _ = auto_slim_training(4)  # the last event is at step 5
+    params = sum(p.numel() for p in model.parameters())
+    with pytest.raises(prunekit.SlimmingError, match="still running.*last event is at step 5"):
+        prunekit.slim(model)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert [n for n, _ in model.named_buffers() if n.endswith("_prune_mask")]

@@ -59,6 +59,30 @@ class _OwnerRef:
         return _OwnerRef()
 
 
+_SCHEDULE_ATTR = "_prunekit_schedule"  # module attribute: {mask buffer: step of the last event, None = finished}
+
+
+def mark_schedule(module: nn.Module, buffer: str, last_event_step: int | None) -> None:
+    """Record whether the schedule behind ``module``'s mask ``buffer`` still runs (the step of its last event) or
+    has finished (None: the mask is final and its zeros are in the weight), so that slimming can tell."""
+    state = dict(module.__dict__.get(_SCHEDULE_ATTR, {}))
+    state[buffer] = last_event_step
+    module.__dict__[_SCHEDULE_ATTR] = state
+
+
+def schedule_state(module: nn.Module) -> dict[str, int | None]:
+    """``{mask buffer: last event step or None}`` for the masks whose schedule :func:`mark_schedule` recorded."""
+    return dict(module.__dict__.get(_SCHEDULE_ATTR, {}))
+
+
+def release_masks(module: nn.Module) -> None:
+    """Drop every prunekit mask buffer of ``module`` with its bookkeeping (the zeros stay in the weights)."""
+    for name in [n for n in module._buffers if n.endswith(MASK_SUFFIX)]:
+        del module._buffers[name]
+    for attr in (_PATTERN_ATTR, _SCHEDULE_ATTR, _OWNER_ATTR):
+        module.__dict__.pop(attr, None)
+
+
 def set_owner(module: nn.Module, owner: object | None) -> None:
     """Record (or, with None, clear) which Pruning masks ``module``."""
     if owner is None:
@@ -251,5 +275,8 @@ class PrunedLayer:
         patterns = dict(getattr(self.module, _PATTERN_ATTR, {}))
         patterns.pop(self.param_name, None)
         setattr(self.module, _PATTERN_ATTR, patterns)
+        schedule = self.module.__dict__.get(_SCHEDULE_ATTR)
+        if schedule:
+            schedule.pop(self.buffer, None)
         if not patterns:
             set_owner(self.module, None)

@@ -149,6 +149,13 @@ class Pruner:
         return self.schedule.event_index(step) is not None or (
             self.progression is not None and self.progression.due(step))
 
+    def finished(self, step: int) -> bool:
+        """Whether no event or progressive phase can change this pruner's masks any more at or after ``step``."""
+        if self.progression is not None and self.progression.active:
+            return False
+        final = self.schedule.final_step
+        return not self.layers or step > final or (self.last_event_step is not None and self.last_event_step >= final)
+
     def ready(self) -> bool:
         return self.criterion.locks or self.criterion.ready
 

@@ -23,7 +23,7 @@ from torch import nn
 from prunekit.config import PruningConfig, load_config
 from prunekit.distributed import broadcast_masks, is_distributed
 from prunekit.errors import ConfigError, SelectionError
-from prunekit.masks import owner_of, set_owner
+from prunekit.masks import mark_schedule, owner_of, set_owner
 from prunekit.pruner import MAX_STEP, Pruner
 
 logger = logging.getLogger("prunekit")
@@ -72,8 +72,10 @@ class Pruning:
         for layer in self.layers:
             set_owner(layer.holder, self)
         self._replaced.clear()  # replaced Prunings are not kept alive
+        self._finished: bool | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.global_step = 0
+        self._mark_finished()
         self._in_step = False  # between the before- and after-step stages
         self._missing_after_warned = False
         self._handles: list[Any] = []
@@ -205,6 +207,18 @@ class Pruning:
         return 1.0
 
     # --- events ----------------------------------------------------------------------------------------------
+    def _mark_finished(self) -> None:
+        """Tell the masked modules whether their schedule still runs. Once no event can change a mask again the
+        masks are final and their zeros are in the weights, so ``slim`` / ``model_slim`` fold them (as in the
+        original, where nothing else is needed after ``on_train_end``); while one runs, slimming refuses."""
+        finished = all(p.finished(self.global_step) for p in self.pruners)
+        if finished is self._finished:
+            return
+        self._finished = finished
+        for pruner in self.pruners:
+            for layer in pruner.layers:
+                mark_schedule(layer.holder, layer.buffer, None if finished else pruner.schedule.final_step)
+
     def _run_due_events(self, need_ready: bool) -> None:
         for pruner in self.pruners:
             if not pruner.due(self.global_step):
@@ -224,6 +238,8 @@ class Pruning:
             if self.optimizer is not None:
                 for layer in pruner.layers:
                     layer.mask_optimizer_state_(self.optimizer)
+        if not self._finished:
+            self._mark_finished()
 
     # --- queries ---------------------------------------------------------------------------------------------
     def current_sparsity(self) -> float:
@@ -276,6 +292,7 @@ class Pruning:
             pruner.load_state_dict(pstate, state["global_step"])
         self.global_step = int(state["global_step"])
         self._in_step = False
+        self._mark_finished()
 
     # --- optimizer hooks -------------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruning":

@@ -52,6 +52,7 @@ class HeadLayer:
     min_keep_units = 1  # an attention block never loses its last head during training
     score_scale = 1.0  # head scores are stored as they are ranked
     tiles = None  # scores span several weights: no fused per-weight kernel
+    buffer = HEAD_MASK
 
     def __init__(self, model: nn.Module, group, reduce: str = "mean") -> None:
         self.group, self.name, self.reduce = group, group.name, reduce
@@ -210,6 +211,7 @@ class HeadLayer:
         from prunekit.masks import set_owner
 
         self.container._buffers.pop(HEAD_MASK, None)
+        self.container.__dict__.get("_prunekit_schedule", {}).pop(HEAD_MASK, None)
         set_owner(self.container, None)
 
 
