@@ -333,8 +333,8 @@ class Pruner:
         start, phase = state["start"], state["phase"]
         if start is not None and not (_is_int(start) and 0 <= start <= global_step):
             raise ConfigError(f"{where}.start", start, f"allowed: None or an int in [0, {global_step}]")
-        if not (_is_int(phase) and 0 <= phase < self.progression.phases):
-            raise ConfigError(f"{where}.phase", phase, f"allowed: an int in [0, {self.progression.phases})")
+        if not (_is_int(phase) and 0 <= phase <= self.progression.phases):
+            raise ConfigError(f"{where}.phase", phase, f"allowed: an int in [0, {self.progression.phases}]")
         names = [l.name for l in self.layers] if start is not None else []
         for key in ("new_masks", "orders"):
             value = state[key]
