@@ -172,3 +172,87 @@ def test_a_deep_copied_or_pickled_model_is_not_owned():
     torch.save(model, buffer)
     buffer.seek(0)
     torch.load(buffer, weights_only=False)
+
+
+# ---- item 7: the README's explicit-callback loop under AMP ---------------------------------------------------
+def _scaler():
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"GradScaler('cpu') unavailable: {exc}")
+    if not scaler.is_enabled():  # pragma: no cover
+        pytest.skip("GradScaler('cpu') is disabled in this torch build")
+    return scaler
+
+
+def amp_callback_run(poison: dict[int, tuple[str, float]], steps: int = 12):
+    """The README's callback loop under AMP; at the steps in ``poison`` a parameter's gradient gets inf/NaN,
+    so GradScaler skips that optimizer step."""
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = _scaler()
+    pruning = prunekit.Pruning(model, CFG)
+    pruning.on_train_begin()
+    for step in range(steps):
+        pruning.on_step_begin()
+        x, y = batch(step)
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if step in poison:
+            name, value = poison[step]
+            model.get_parameter(name).grad.view(-1)[:5] = value
+        scaler.unscale_(optimizer)
+        pruning.on_before_optimizer_step()
+        scaler.step(optimizer)
+        scaler.update()
+        pruning.on_after_optimizer_step()
+        optimizer.zero_grad()
+    return model, pruning
+
+
+def plain_run(skip: set[int], steps: int = 12):
+    """The same batches without AMP, the skipped steps left out altogether."""
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruning = prunekit.prepare_pruning(model, CFG, optimizer)
+    for step in range(steps):
+        if step not in skip:
+            train_step(model, optimizer, step)
+    return model, pruning
+
+
+@pytest.mark.parametrize("poison", [
+    {5: ("fc1.weight", float("nan"))},                                   # NaN scores crashed the next event
+    {3: ("fc2.weight", float("inf")), 5: ("fc1.weight", float("inf"))},  # inf scores poisoned the ranking
+    {4: ("out.bias", float("inf"))},                                     # a layer prunekit does not prune
+], ids=["nan_in_pruned", "inf_twice", "inf_elsewhere"])
+def test_a_step_grad_scaler_skips_contributes_nothing(poison):
+    """'scores ... contain NaN' as soon as GradScaler skipped a step: a skipped step must neither score nor
+    advance the schedule, exactly as with prepare_pruning's hooks."""
+    model, pruning = amp_callback_run(poison)
+    want_model, want = plain_run(set(poison))
+    assert pruning.global_step == want.global_step == 12 - len(poison)
+    assert [e.step for e in pruning.pruners[0].history] == [e.step for e in want.pruners[0].history]
+    got_scores, want_scores = pruning.pruners[0].criterion.scores, want.pruners[0].criterion.scores
+    assert got_scores.keys() == want_scores.keys()
+    for name in want_scores:
+        assert torch.equal(got_scores[name], want_scores[name]), name
+    for name, mask in masks_of(want).items():
+        assert torch.equal(masks_of(pruning)[name], mask), name
+    for (name, p), q in zip(model.named_parameters(), want_model.parameters()):
+        assert torch.equal(p, q), name
+    assert pruning.current_sparsity() == pytest.approx(0.6, abs=0.01)
+    from torch.optim import optimizer as torch_optimizer
+    assert not torch_optimizer._global_optimizer_pre_hooks  # nothing stays registered after the loop
+
+
+def test_callbacks_without_any_optimizer_step_still_drive_the_schedule():
+    """A loop that never steps a torch optimizer between the callbacks (no update, or a hand-written one)."""
+    model = MLP()
+    pruning = prunekit.Pruning(model, dict(CFG, pruning_type="magnitude"))
+    pruning.on_train_begin()
+    for step in range(10):
+        pruning.on_step_begin()
+        pruning.on_before_optimizer_step()
+        pruning.on_after_optimizer_step()
+    assert pruning.global_step == 10
+    assert pruning.current_sparsity() == pytest.approx(0.6, abs=0.01)

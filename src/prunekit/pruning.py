@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from prunekit.config import PruningConfig, load_config
 from prunekit.distributed import broadcast_masks, is_distributed
@@ -79,6 +81,12 @@ class Pruning:
         self._in_step = False  # between the before- and after-step stages
         self._missing_after_warned = False
         self._handles: list[Any] = []
+        # the callback form (no optimizer given): the global step hooks armed between the two callbacks
+        self._armed: list[Any] = []
+        self._stepper: torch.optim.Optimizer | None = None
+        self._stepped = False  # a watched optimizer step completed since on_before_optimizer_step
+        self._witnessed = False  # some optimizer step ever fired hooks between the callbacks
+        self._weight_ids: set[int] | None = None
         self._hook_depth = 0  # an optimizer subclass calling super().step() fires the hooks nested
         if optimizer is not None:
             self.attach(optimizer)
@@ -129,16 +137,96 @@ class Pruning:
         self._run_due_events(need_ready=True)
 
     def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Fold gradients into scores, run events still due, mask gradients. Call after backward (after
-        ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``. A no-op when hooked."""
-        if not self._handles:
-            self._before_step()
+        """Call after backward (after ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``.
+        A no-op when hooked into the optimizer.
+
+        The step's work (fold gradients into scores, run events still due, mask gradients) runs when the
+        optimizer really steps: until :meth:`on_after_optimizer_step`, the step hooks of any ``torch.optim``
+        optimizer holding a pruned weight are watched, the same mechanism :func:`prepare_pruning` uses. So a
+        step ``GradScaler`` skips (inf/NaN gradients) contributes nothing to the scores and does not advance the
+        schedule. Where no optimizer step fires a hook between the two callbacks (no optimizer, a manual
+        update, an optimizer that is not a ``torch.optim.Optimizer``) and none ever has, the work runs in
+        :meth:`on_after_optimizer_step` instead, unless the pruned gradients are not finite (a skipped step)."""
+        if self._handles:
+            return
+        if self._armed:  # on_after_optimizer_step was not called for the previous step
+            if not self._missing_after_warned:
+                warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer "
+                              "step; advancing the step counter here", stacklevel=2)
+                self._missing_after_warned = True
+            self._resolve_callback_step()
+        self._arm()
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Zero pruned weights again, advance the step counter, run events due at the next step's start.
-        A no-op when hooked into the optimizer."""
-        if not self._handles:
+        """Zero pruned weights again, advance the step counter, run events due at the next step's start (all
+        only if the optimizer really stepped, see :meth:`on_before_optimizer_step`). A no-op when hooked."""
+        if self._handles:
+            return
+        if self._armed:
+            self._resolve_callback_step()
+        else:  # no on_before_optimizer_step for this step: the after-step stage alone, as it always did
             self._after_step()
+
+    # --- the callback form: which optimizer step, if any, happened between the two callbacks ------------------
+    def _arm(self) -> None:
+        ref = weakref.ref(self)  # the global hooks never keep a Pruning alive
+
+        def pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            me = ref()
+            if me is not None:
+                me._watched_pre(optimizer)
+
+        def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            me = ref()
+            if me is not None:
+                me._watched_post(optimizer)
+
+        # torch's documented global step hooks, registered only between the two callbacks (removed in
+        # on_after_optimizer_step, detach and on_train_end): which optimizer steps is not known here
+        self._armed = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        self._stepper, self._stepped = None, False
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        if self._weight_ids is None:
+            self._weight_ids = {id(layer.weight) for layer in self.layers}
+        return any(id(p) in self._weight_ids for group in optimizer.param_groups for p in group["params"])
+
+    def _watched_pre(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._stepper is None and not self._stepped and self._owns(optimizer):
+            self._stepper = optimizer
+        if optimizer is self._stepper:
+            self._pre_hook()
+
+    def _watched_post(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is self._stepper:
+            self._post_hook()
+            if self._hook_depth == 0:
+                self._stepper, self._stepped, self._witnessed = None, True, True
+
+    def _resolve_callback_step(self) -> None:
+        """After the optimizer step (or its absence): nothing to do if a hooked step ran, nothing if the step was
+        skipped, both stages now if no step ever fires hooks here."""
+        self._disarm()
+        stepped, self._stepper, self._stepped, self._hook_depth = self._stepped, None, False, 0
+        if stepped:
+            return
+        if self._in_step:  # the pre hook ran but the step raised before its post hook: finish that step
+            self._after_step()
+            return
+        if self._witnessed or not self._grads_finite():
+            return  # GradScaler skipped this step (inf/NaN gradients): no scores, no step
+        self._before_step()
+        self._after_step()
+
+    def _grads_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(g).all()) for layer in self.layers
+                       if (g := getattr(layer.weight, "grad", None)) is not None)
 
     def _before_step(self) -> None:
         if self._in_step:  # on_after_optimizer_step was not called for the previous step
@@ -191,6 +279,8 @@ class Pruning:
 
     def on_train_end(self, *args: Any, print_report: bool = True, **kwargs: Any):
         """Apply the final masks once more and print (and return) the sparsity report."""
+        if self._armed:
+            self._resolve_callback_step()
         with torch.no_grad():
             for layer in self.layers:
                 layer.apply_()
@@ -320,6 +410,7 @@ class Pruning:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._disarm()
         if remove_masks:
             for layer in self.layers:
                 layer.detach()
