@@ -256,3 +256,26 @@ def test_callbacks_without_any_optimizer_step_still_drive_the_schedule():
         pruning.on_after_optimizer_step()
     assert pruning.global_step == 10
     assert pruning.current_sparsity() == pytest.approx(0.6, abs=0.01)
+
+
+def test_hf_callback_moves_its_hooks_to_the_optimizer_of_a_second_train():
+    """trainer.train() twice: the Trainer builds a new optimizer; the callback only set .optimizer, so its hooks
+    stayed on the old one and the second run was never pruned."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from prunekit.integrations.transformers import PruningCallback
+
+    model = MLP()
+    callback = PruningCallback(CFG)
+    state = SimpleNamespace(global_step=0)
+    first = torch.optim.SGD(model.parameters(), lr=0.05)
+    callback.on_train_begin(None, state, None, model=model, optimizer=first)
+    train_step(model, first, 0)
+    second = torch.optim.SGD(model.parameters(), lr=0.05)
+    callback.on_train_begin(None, state, None, model=model, optimizer=second)
+    for step in range(1, 10):
+        train_step(model, second, step)
+    assert callback.pruning.global_step == 10
+    assert callback.pruning.current_sparsity() == pytest.approx(0.6, abs=0.01)
+    assert not first._optimizer_step_pre_hooks
