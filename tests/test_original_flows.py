@@ -269,3 +269,14 @@ def test_slimming_while_the_schedule_still_runs_says_so():
         prunekit.slim(model)
     assert sum(p.numel() for p in model.parameters()) == params
     assert [n for n, _ in model.named_buffers() if n.endswith("_prune_mask")]
+
+
+def test_on_after_compute_loss_returns_the_loss_as_the_original_did_without_distillation():
+    from prunekit.compat import WeightPruningConfig, prepare_compression
+
+    model = Net()
+    callbacks = prepare_compression(model, WeightPruningConfig(**CALLBACK_CFG)).callbacks
+    x, y = data(0)
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y)
+    assert callbacks.on_after_compute_loss(x, out, loss) is loss

@@ -266,6 +266,12 @@ class Pruning:
     def on_epoch_end(self, *args: Any, **kwargs: Any) -> None:
         """No-op (kept for the original's loop contract)."""
 
+    def on_after_compute_loss(self, input: Any, student_output: Any, student_loss: Any,
+                              teacher_output: Any = None) -> Any:
+        """The original's distillation callback, for loops written against it: with pruning only it returned
+        ``student_loss`` unchanged, and so does this (distil in the loop, see :mod:`prunekit.recipes.distill`)."""
+        return student_loss
+
     def on_before_eval(self, *args: Any, **kwargs: Any) -> None:
         """Before an evaluation: the masks are applied to the weights once more (a no-op unless the weights were
         changed outside the optimizer step), so evaluation sees the pruned model. The step counter, scores and
