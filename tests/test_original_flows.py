@@ -234,7 +234,7 @@ def auto_slim_training(steps: int):
         compression_manager.callbacks.on_after_optimizer_step()
         optimizer.zero_grad()
         compression_manager.callbacks.on_step_end()
-    compression_manager.callbacks.on_train_end(print_report=False)
+    compression_manager.callbacks.on_train_end()
     return model.eval(), compression_manager
 
 
