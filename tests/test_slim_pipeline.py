@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunekit.errors import SlimmingError
 from prunekit.pruning import prepare_pruning
 from prunekit.slimming import auto_slim_configs, slim
 from test_slim_fixtures import FAMILIES, FFN, HEADS, inputs_for, outputs
@@ -30,9 +29,7 @@ def _pruned(family: str):
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_pruned_model_slims_to_the_target(family: str) -> None:
     model, pruning, x = _pruned(family)
-    with pytest.raises(SlimmingError, match="still carries pruning masks"):
-        slim(model)
-    pruning.detach(remove_masks=True)
+    pruning.detach(remove_masks=True)  # optional once the schedule has finished (see test_original_flows.py)
     expected = outputs(model, x)
     report = slim(model)
     assert torch.allclose(outputs(model, x), expected, atol=1e-5)

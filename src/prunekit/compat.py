@@ -17,6 +17,7 @@ from torch import nn
 
 from prunekit import pruning as _pruning
 from prunekit.config import PruningConfig, load_config
+from prunekit.config.legacy import translate_overrides
 from prunekit.errors import ConfigError
 from prunekit.slimming.compat import model_slim, parse_auto_slim_config
 
@@ -71,10 +72,12 @@ class Pruning:
             self._engine.optimizer = optimizer
 
     def update_items_for_all_pruners(self, **kwargs: Any) -> None:
-        """Overwrite keys in every pruner (e.g. ``start_step``/``end_step`` computed from epochs)."""
+        """Overwrite keys in every pruner (e.g. ``start_step``/``end_step`` computed from epochs). Keys may have
+        their 2.x names or the 1.x ones (``update_frequency_on_step``, ``prune_type``, ``excluded_names`` …),
+        as :func:`prunekit.load_config` reads them."""
         if self._engine is not None:
             raise RuntimeError("update_items_for_all_pruners must be called before on_train_begin")
-        self.config = self.config.with_overrides(**kwargs)
+        self.config = self.config.with_overrides(**translate_overrides(kwargs))
 
     update_config = update_items_for_all_pruners  # the 2.0 name
 

@@ -8,6 +8,7 @@ and applied by broadcasting over a view, so block patterns never materialise a f
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -36,6 +37,64 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     bits = (packed.unsqueeze(1) & _BITS.to(packed.device)) != 0
     return bits.reshape(-1)[:numel].view(shape)
 _PATTERN_ATTR = "_prunekit_patterns"  # module attribute: {param_name: pattern spec}, for reports
+_OWNER_ATTR = "_prunekit_owner"  # module attribute: the Pruning whose masks it carries (weakly)
+
+
+class _OwnerRef:
+    """A weak reference to the Pruning that masks a module. It pickles and deep-copies as an empty reference: a
+    copy of the model is not driven by that Pruning, and ``torch.save(model)`` / ``deepcopy`` keep working."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, owner: object | None = None) -> None:
+        self._ref = None if owner is None else weakref.ref(owner)
+
+    def __call__(self) -> object | None:
+        return None if self._ref is None else self._ref()
+
+    def __reduce__(self):
+        return (_OwnerRef, ())
+
+    def __deepcopy__(self, memo: dict) -> "_OwnerRef":
+        return _OwnerRef()
+
+
+_SCHEDULE_ATTR = "_prunekit_schedule"  # module attribute: {mask buffer: step of the last event, None = finished}
+
+
+def mark_schedule(module: nn.Module, buffer: str, last_event_step: int | None) -> None:
+    """Record whether the schedule behind ``module``'s mask ``buffer`` still runs (the step of its last event) or
+    has finished (None: the mask is final and its zeros are in the weight), so that slimming can tell."""
+    state = dict(module.__dict__.get(_SCHEDULE_ATTR, {}))
+    state[buffer] = last_event_step
+    module.__dict__[_SCHEDULE_ATTR] = state
+
+
+def schedule_state(module: nn.Module) -> dict[str, int | None]:
+    """``{mask buffer: last event step or None}`` for the masks whose schedule :func:`mark_schedule` recorded."""
+    return dict(module.__dict__.get(_SCHEDULE_ATTR, {}))
+
+
+def release_masks(module: nn.Module) -> None:
+    """Drop every prunekit mask buffer of ``module`` with its bookkeeping (the zeros stay in the weights)."""
+    for name in [n for n in module._buffers if n.endswith(MASK_SUFFIX)]:
+        del module._buffers[name]
+    for attr in (_PATTERN_ATTR, _SCHEDULE_ATTR, _OWNER_ATTR):
+        module.__dict__.pop(attr, None)
+
+
+def set_owner(module: nn.Module, owner: object | None) -> None:
+    """Record (or, with None, clear) which Pruning masks ``module``."""
+    if owner is None:
+        module.__dict__.pop(_OWNER_ATTR, None)
+    else:
+        module.__dict__[_OWNER_ATTR] = _OwnerRef(owner)
+
+
+def owner_of(module: nn.Module) -> object | None:
+    """The live Pruning whose masks ``module`` carries, or None."""
+    ref = module.__dict__.get(_OWNER_ATTR)
+    return ref() if isinstance(ref, _OwnerRef) else None
 
 
 def mask_buffer_name(param_name: str) -> str:
@@ -207,6 +266,11 @@ class PrunedLayer:
         norms = reduce_dims(view.square(), self.bound.within, "sum").sqrt_()
         view.mul_((1.0 - threshold / norms.clamp_min(1e-30)).clamp_(min=0.0))
 
+    @property
+    def holder(self) -> nn.Module:
+        """The module that carries this layer's mask buffer."""
+        return self.module
+
     def detach(self) -> None:
         """Remove the mask buffer (the zeros stay in the weight)."""
         if self.buffer in self.module._buffers:
@@ -214,3 +278,8 @@ class PrunedLayer:
         patterns = dict(getattr(self.module, _PATTERN_ATTR, {}))
         patterns.pop(self.param_name, None)
         setattr(self.module, _PATTERN_ATTR, patterns)
+        schedule = self.module.__dict__.get(_SCHEDULE_ATTR)
+        if schedule:
+            schedule.pop(self.buffer, None)
+        if not patterns:
+            set_owner(self.module, None)

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+import weakref
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from prunekit.config import PruningConfig, load_config
 from prunekit.distributed import broadcast_masks, is_distributed
 from prunekit.errors import ConfigError, SelectionError
-from prunekit.pruner import Pruner
+from prunekit.masks import mark_schedule, owner_of, set_owner
+from prunekit.pruner import MAX_STEP, Pruner
 
 logger = logging.getLogger("prunekit")
 
@@ -57,23 +60,55 @@ class Pruning:
         self.config: PruningConfig = load_config(config)
         self.pruners: list[Pruner] = []
         self._layers: list | None = None
+        self._replaced: list[Pruning] = []
         try:
             for i, c in enumerate(self.config.pruners):
-                self.pruners.append(Pruner(model, c, f"pruner{i}"))
+                self.pruners.append(Pruner(model, c, f"pruner{i}", claim=self._claim))
             self._check_disjoint()
+            if not self.layers:  # each pruner's pattern tiles none of its layers: nothing would ever be pruned
+                raise SelectionError("no pruner of this config prunes anything; every selected layer was left "
+                                     "dense: " + "; ".join(f"{p.name} ({p.config.pattern}): {p.skipped}"
+                                                          for p in self.pruners))
         except Exception:
             for layer in self.layers:  # a refused config leaves the model as it found it
                 layer.detach()
             raise
+        for layer in self.layers:
+            set_owner(layer.holder, self)
+        self._replaced.clear()  # replaced Prunings are not kept alive
+        self._finished: bool | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._step_lrs: dict[int, float] | None = None  # learning rates as optimizer.step() used them
         self.global_step = 0
+        self._mark_finished()
         self._in_step = False  # between the before- and after-step stages
         self._missing_after_warned = False
         self._handles: list[Any] = []
+        # the callback form (no optimizer given): the global step hooks armed between the two callbacks
+        self._armed: list[Any] = []
+        self._stepper: torch.optim.Optimizer | None = None
+        self._stepped = False  # a watched optimizer step completed since on_before_optimizer_step
+        self._witnessed = False  # some optimizer step ever fired hooks between the callbacks
+        self._weight_ids: set[int] | None = None
         self._hook_depth = 0  # an optimizer subclass calling super().step() fires the hooks nested
         if optimizer is not None:
             self.attach(optimizer)
+
+    def _claim(self, module: nn.Module) -> None:
+        """A module about to be masked still carries an earlier Pruning's masks (prepare_pruning run twice on the
+        same model, e.g. a re-run notebook cell): that Pruning is replaced, not stacked. Two live Prunings on one
+        layer would both hook the optimizer, so the schedule ran twice per step (wrong sparsity) or a mask of
+        another pattern met the other's shapes (a deep shape error). Replacing is safe: its hooks and masks go,
+        the zeros it made stay in the weights (as after ``detach(remove_masks=True)``); refusing would leave a
+        notebook user no way on except restarting the kernel."""
+        old = owner_of(module)
+        if old is None or old is self or old in self._replaced:
+            return
+        warnings.warn(f"prunekit: {type(module).__name__} layers of this model are already pruned by an earlier "
+                      "Pruning (prepare_pruning / Pruning called twice on the same model?); replacing it: its "
+                      "optimizer hooks and masks are removed, the zeros it made stay in the weights", stacklevel=5)
+        old.detach(remove_masks=True)
+        self._replaced.append(old)
 
     def _check_disjoint(self) -> None:
         owner: dict[str, str] = {}
@@ -124,16 +159,96 @@ class Pruning:
         self._run_due_events(need_ready=True)
 
     def on_before_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Fold gradients into scores, run events still due, mask gradients. Call after backward (after
-        ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``. A no-op when hooked."""
-        if not self._handles:
-            self._before_step()
+        """Call after backward (after ``scaler.unscale_(optimizer)`` under AMP), before ``optimizer.step()``.
+        A no-op when hooked into the optimizer.
+
+        The step's work (fold gradients into scores, run events still due, mask gradients) runs when the
+        optimizer really steps: until :meth:`on_after_optimizer_step`, the step hooks of any ``torch.optim``
+        optimizer holding a pruned weight are watched, the same mechanism :func:`prepare_pruning` uses. So a
+        step ``GradScaler`` skips (inf/NaN gradients) contributes nothing to the scores and does not advance the
+        schedule. Where no optimizer step fires a hook between the two callbacks (no optimizer, a manual
+        update, an optimizer that is not a ``torch.optim.Optimizer``) and none ever has, the work runs in
+        :meth:`on_after_optimizer_step` instead, unless the pruned gradients are not finite (a skipped step)."""
+        if self._handles:
+            return
+        if self._armed:  # on_after_optimizer_step was not called for the previous step
+            if not self._missing_after_warned:
+                warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer "
+                              "step; advancing the step counter here", stacklevel=2)
+                self._missing_after_warned = True
+            self._resolve_callback_step()
+        self._arm()
 
     def on_after_optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Zero pruned weights again, advance the step counter, run events due at the next step's start.
-        A no-op when hooked into the optimizer."""
-        if not self._handles:
+        """Zero pruned weights again, advance the step counter, run events due at the next step's start (all
+        only if the optimizer really stepped, see :meth:`on_before_optimizer_step`). A no-op when hooked."""
+        if self._handles:
+            return
+        if self._armed:
+            self._resolve_callback_step()
+        else:  # no on_before_optimizer_step for this step: the after-step stage alone, as it always did
             self._after_step()
+
+    # --- the callback form: which optimizer step, if any, happened between the two callbacks ------------------
+    def _arm(self) -> None:
+        ref = weakref.ref(self)  # the global hooks never keep a Pruning alive
+
+        def pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            me = ref()
+            if me is not None:
+                me._watched_pre(optimizer)
+
+        def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            me = ref()
+            if me is not None:
+                me._watched_post(optimizer)
+
+        # torch's documented global step hooks, registered only between the two callbacks (removed in
+        # on_after_optimizer_step, detach and on_train_end): which optimizer steps is not known here
+        self._armed = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        self._stepper, self._stepped = None, False
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        if self._weight_ids is None:
+            self._weight_ids = {id(layer.weight) for layer in self.layers}
+        return any(id(p) in self._weight_ids for group in optimizer.param_groups for p in group["params"])
+
+    def _watched_pre(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._stepper is None and not self._stepped and self._owns(optimizer):
+            self._stepper = optimizer
+        if optimizer is self._stepper:
+            self._pre_hook()
+
+    def _watched_post(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is self._stepper:
+            self._post_hook()
+            if self._hook_depth == 0:
+                self._stepper, self._stepped, self._witnessed = None, True, True
+
+    def _resolve_callback_step(self) -> None:
+        """After the optimizer step (or its absence): nothing to do if a hooked step ran, nothing if the step was
+        skipped, both stages now if no step ever fires hooks here."""
+        self._disarm()
+        stepped, self._stepper, self._stepped, self._hook_depth = self._stepped, None, False, 0
+        if stepped:
+            return
+        if self._in_step:  # the pre hook ran but the step raised before its post hook: finish that step
+            self._after_step()
+            return
+        if self._witnessed or not self._grads_finite():
+            return  # GradScaler skipped this step (inf/NaN gradients): no scores, no step
+        self._before_step()
+        self._after_step()
+
+    def _grads_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(g).all()) for layer in self.layers
+                       if (g := getattr(layer.weight, "grad", None)) is not None)
 
     def _before_step(self) -> None:
         if self._in_step:  # on_after_optimizer_step was not called for the previous step
@@ -175,8 +290,27 @@ class Pruning:
     def on_epoch_end(self, *args: Any, **kwargs: Any) -> None:
         """No-op (kept for the original's loop contract)."""
 
+    def on_after_compute_loss(self, input: Any, student_output: Any, student_loss: Any,
+                              teacher_output: Any = None) -> Any:
+        """The original's distillation callback, for loops written against it: with pruning only it returned
+        ``student_loss`` unchanged, and so does this (distil in the loop, see :mod:`prunekit.recipes.distill`)."""
+        return student_loss
+
+    def on_before_eval(self, *args: Any, **kwargs: Any) -> None:
+        """Before an evaluation: the masks are applied to the weights once more (a no-op unless the weights were
+        changed outside the optimizer step), so evaluation sees the pruned model. The step counter, scores and
+        masks are left alone: evaluation never advances pruning (the original's hook did nothing at all)."""
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.apply_()
+
+    def on_after_eval(self, *args: Any, **kwargs: Any) -> None:
+        """No-op (kept for the original's loop contract): the masks stay applied after an evaluation."""
+
     def on_train_end(self, *args: Any, print_report: bool = True, **kwargs: Any):
         """Apply the final masks once more and print (and return) the sparsity report."""
+        if self._armed:
+            self._resolve_callback_step()
         with torch.no_grad():
             for layer in self.layers:
                 layer.apply_()
@@ -218,6 +352,18 @@ class Pruning:
         return lrs.get(id(param))
 
     # --- events ----------------------------------------------------------------------------------------------
+    def _mark_finished(self) -> None:
+        """Tell the masked modules whether their schedule still runs. Once no event can change a mask again the
+        masks are final and their zeros are in the weights, so ``slim`` / ``model_slim`` fold them (as in the
+        original, where nothing else is needed after ``on_train_end``); while one runs, slimming refuses."""
+        finished = all(p.finished(self.global_step) for p in self.pruners)
+        if finished is self._finished:
+            return
+        self._finished = finished
+        for pruner in self.pruners:
+            for layer in pruner.layers:
+                mark_schedule(layer.holder, layer.buffer, None if finished else pruner.schedule.final_step)
+
     def _run_due_events(self, need_ready: bool) -> None:
         for pruner in self.pruners:
             if not pruner.due(self.global_step):
@@ -237,6 +383,8 @@ class Pruning:
             if self.optimizer is not None:
                 for layer in pruner.layers:
                     layer.mask_optimizer_state_(self.optimizer)
+        if not self._finished:
+            self._mark_finished()
 
     # --- queries ---------------------------------------------------------------------------------------------
     def current_sparsity(self) -> float:
@@ -260,18 +408,36 @@ class Pruning:
             "pruners": [p.state_dict() for p in self.pruners],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the masks are applied to the weights at once."""
+    def check_state(self, state: Any) -> None:
+        """Validate a saved state like a config: ConfigError naming the key, the value and what is allowed.
+
+        Everything :meth:`load_state_dict` reads is checked (version, step counter, per pruner its layers, mask
+        shapes and dtypes, finite scores of the right shapes, event history) before anything is changed."""
+        if not isinstance(state, Mapping):
+            raise ConfigError("pruning state", type(state).__name__, "allowed: a dict made by Pruning.state_dict()")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"pruning state version {state.get('version')!r} is not supported "
-                             f"(this prunekit reads version {STATE_VERSION})")
-        if len(state["pruners"]) != len(self.pruners):
-            raise ValueError(f"the saved pruning state has {len(state['pruners'])} pruners, "
-                             f"this config has {len(self.pruners)}")
+            raise ConfigError("version", state.get("version"), f"allowed: {STATE_VERSION} (the pruning state "
+                                                               "version this prunekit reads)")
+        step = state.get("global_step")
+        if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_STEP):
+            raise ConfigError("global_step", step, f"allowed: an int in [0, {MAX_STEP}]")
+        pruners = state.get("pruners")
+        if not isinstance(pruners, (list, tuple)) or len(pruners) != len(self.pruners):
+            count = len(pruners) if isinstance(pruners, (list, tuple)) else pruners
+            raise ConfigError("pruners", count, f"allowed: a list of {len(self.pruners)} pruner states (this "
+                                                f"config has {len(self.pruners)} pruners)")
+        for i, (pruner, pstate) in enumerate(zip(self.pruners, pruners)):
+            pruner.check_state(pstate, step, f"pruners[{i}]")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the masks are applied to the weights at once. The whole state is checked
+        first (:meth:`check_state`): a refused state leaves this object and the model untouched."""
+        self.check_state(state)
         for pruner, pstate in zip(self.pruners, state["pruners"]):
-            pruner.load_state_dict(pstate)
+            pruner.load_state_dict(pstate, state["global_step"])
         self.global_step = int(state["global_step"])
         self._in_step = False
+        self._mark_finished()
 
     # --- optimizer hooks -------------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruning":
@@ -299,6 +465,7 @@ class Pruning:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._disarm()
         if remove_masks:
             for layer in self.layers:
                 layer.detach()

@@ -436,6 +436,33 @@ def pruners_from_v1(block: Mapping[str, Any]) -> list[PrunerConfig]:
     return pruners
 
 
+# ==== overrides (``update_items_for_all_pruners`` / ``update_config``) ======================================
+def translate_overrides(kwargs: Mapping[str, Any], where: str = "in update_items_for_all_pruners") -> dict[str, Any]:
+    """Keys to overwrite in every pruner, named as any of the forms names them (2.x keys and their extras such as
+    ``parameters``, or the 1.x names such as ``update_frequency_on_step``), as :class:`PrunerConfig` keys.
+
+    1.x code calls the 1.x ``update_items_for_all_pruners`` with the names of its YAML, so each name is read as
+    :func:`pruners_from_v1` reads it. A key named twice (1.x and 2.x name) with different values is an error;
+    1.x exclusion lists are merged with ``excluded_op_names``.
+    """
+    known = list(dict.fromkeys([*_v2_keys(), *_v1_keys()]))
+    for key in kwargs:
+        if key not in known and key not in V1_EPOCH_KEYS:
+            close = nearest(str(key), known)
+            hint = f"did you mean {close!r}?; {where}" if close else where
+            raise ConfigError(str(key), kwargs[key], f"unknown key; allowed keys: {', '.join(known)}", hint)
+    out = normalise_v2({k: v for k, v in kwargs.items() if k in _v2_keys()}, where)
+    renamed, excluded = translate_v1({k: v for k, v in kwargs.items() if k not in _v2_keys()}, where)
+    for key, value in renamed.items():
+        if key in out and out[key] != value:
+            raise ConfigError(key, out[key], f"allowed: one value; its 1.x name says {value!r}", where)
+        out[key] = value
+    if any(k in kwargs for k in V1_EXCLUSION_KEYS):
+        own = out.get("excluded_op_names", [])
+        out["excluded_op_names"] = _unique(([own] if isinstance(own, str) else list(own)) + excluded)
+    return out
+
+
 def _unique(items: list[str]) -> list[str]:
     """Drop repeated regexes, keeping the first occurrence's position."""
     return list(dict.fromkeys(items))

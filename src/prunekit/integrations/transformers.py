@@ -81,8 +81,10 @@ class PruningCallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         if self.pruning is None or self.pruning.model is not model:
             self.pruning = Pruning(model, self.config, optimizer=inner)
-        else:
-            self.pruning.optimizer = inner
+        elif inner is not None and inner is not self.pruning.optimizer:
+            # a second train() builds a new optimizer: move the hooks to it (setting the attribute left them
+            # on the old one, so the new optimizer's steps were never pruned)
+            self.pruning.attach(inner)
         if state.global_step > 0:
             self._resume(args, state)
         self.pruning.on_train_begin()

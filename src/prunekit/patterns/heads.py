@@ -52,6 +52,7 @@ class HeadLayer:
     min_keep_units = 1  # an attention block never loses its last head during training
     score_scale = 1.0  # head scores are stored as they are ranked
     tiles = None  # scores span several weights: no fused per-weight kernel
+    buffer = HEAD_MASK
 
     def __init__(self, model: nn.Module, group, reduce: str = "mean") -> None:
         self.group, self.name, self.reduce = group, group.name, reduce
@@ -201,13 +202,23 @@ class HeadLayer:
                         shape[axis] = -1
                         value.mul_(keep.view(shape))
 
+    @property
+    def holder(self) -> nn.Module:
+        """The module that carries the head mask buffer."""
+        return self.container
+
     def detach(self) -> None:
+        from prunekit.masks import set_owner
+
         self.container._buffers.pop(HEAD_MASK, None)
+        self.container.__dict__.get("_prunekit_schedule", {}).pop(HEAD_MASK, None)
+        set_owner(self.container, None)
 
 
 def head_layers(model: nn.Module, op_names: Sequence[str], excluded_op_names: Sequence[str],
-                reduce: str) -> list[HeadLayer]:
-    """A HeadLayer per detected attention block whose name (or a member's) matches the selection regexes."""
+                reduce: str, claim: Callable[[nn.Module], None] | None = None) -> list[HeadLayer]:
+    """A HeadLayer per detected attention block whose name (or a member's) matches the selection regexes;
+    ``claim`` is called on each chosen block's modules before its mask is attached."""
     import re
 
     from prunekit.errors import SelectionError
@@ -227,4 +238,8 @@ def head_layers(model: nn.Module, op_names: Sequence[str], excluded_op_names: Se
         found = ", ".join(g.name for g in groups) or "none"
         raise SelectionError(f"pattern 'mha': op_names={list(op_names)!r}, excluded_op_names="
                              f"{list(excluded_op_names)!r} select no attention block; detected blocks: {found}")
+    if claim is not None:
+        for g in chosen:
+            for name in dict.fromkeys(names(g)):
+                claim(model.get_submodule(name) if name else model)
     return [HeadLayer(model, g, reduce) for g in chosen]

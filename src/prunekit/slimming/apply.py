@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import SlimmingError
+from prunekit.masks import owner_of, release_masks, schedule_state
 from prunekit.slimming.groups import AttentionGroup, FFNGroup, resized
 from prunekit.slimming.layers import attached_masks, layer_ops
 from prunekit.slimming.plan import AttentionCut, FFNCut, SlimPlan
@@ -49,12 +50,38 @@ def _set_equal(modules: list[nn.Module], names, old: int, new: int) -> None:
                 setattr(module, name, new)
 
 
-def _check_unmasked(model: nn.Module, names: list[str]) -> None:
+def _finished_masks(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules among ``names`` that carry masks, all of them final; raises while any schedule still runs.
+
+    A mask whose schedule has finished (no event can change it again) has its zeros in the weight already, so it
+    is folded: the original's flow ends with ``on_train_end()`` then ``model_slim(model)`` and nothing else."""
+    holders = []
     for name in names:
-        masks = attached_masks(model.get_submodule(name) if name else model)
-        if masks:
-            raise SlimmingError(f"{name} still carries pruning masks ({', '.join(masks)}); finish pruning first "
-                                "(Pruning.detach(remove_masks=True)) so that slimming cuts plain weights")
+        module = model.get_submodule(name) if name else model
+        masks = attached_masks(module)
+        if not masks:
+            continue
+        schedule = schedule_state(module)
+        for mask in masks:
+            if mask not in schedule:  # not attached by a prunekit schedule: nothing says it is final
+                raise SlimmingError(f"{name} still carries pruning masks ({mask}); finish pruning first "
+                                    "(Pruning.detach(remove_masks=True)) so that slimming cuts plain weights")
+            if schedule[mask] is not None:
+                raise SlimmingError(
+                    f"{name or 'the model'} carries the mask {mask} of a pruning schedule that is still running "
+                    f"(its last event is at step {schedule[mask]}); train past that step (finished masks are "
+                    "folded into the weights by slimming) or end pruning now with Pruning.detach(remove_masks=True)")
+        holders.append(module)
+    return holders
+
+
+def _fold(holders: list[nn.Module]) -> None:
+    """End the pruning behind finished masks: its owner is detached (hooks and masks go), stray masks dropped."""
+    for module in holders:
+        owner = owner_of(module)
+        if owner is not None:
+            owner.detach(remove_masks=True)
+        release_masks(module)
 
 
 def cut_ffn(model: nn.Module, cut: FFNCut) -> FFNGroup:
@@ -125,9 +152,10 @@ def apply_plan(model: nn.Module, plan: SlimPlan) -> tuple[list[FFNGroup], list[A
     layers = [n for c in plan.ffn for n in [c.group.consumer, *c.group.producers]]
     layers += [n for c in plan.attention for n in c.group.modules]
     layers += [c.group.name for c in plan.attention]  # the mha pattern keeps its head mask on the container
-    _check_unmasked(model, list(dict.fromkeys(layers)))
+    holders = _finished_masks(model, list(dict.fromkeys(layers)))
     for c in plan.attention:
         _check_covered(model, c.group)
+    _fold(holders)  # everything is checked: from here on the model changes
     with torch.no_grad():
         ffn = [cut_ffn(model, c) for c in plan.ffn]
         attention = [cut_attention(model, c) for c in plan.attention]
