@@ -174,6 +174,11 @@ def _allocate(scores: dict[int, torch.Tensor], total: int, width: int, round_to:
     return widths
 
 
+def _stat(by_index: dict[int, LayerStats], index: int, kind: str) -> object:
+    found = by_index.get(index)
+    return getattr(found, kind) if found is not None else None
+
+
 def make_plan(model: nn.Module, layers: list[LayerGroups], stats: list[LayerStats], costs: list[LayerCosts],
               request: Request) -> StructuredPlan:
     """Decide what every layer keeps (see the module docstring)."""
@@ -189,7 +194,7 @@ def make_plan(model: nn.Module, layers: list[LayerGroups], stats: list[LayerStat
     if request.head_sparsity > 0 and attn:
         first = attn[0].attention
         candidates = shapes_for(first.num_heads, first.num_kv_heads, request.head_sparsity, request.head_cut)
-        head_scores = {g.index: scorer.heads(model, g.attention, by_index[g.index].attention) for g in attn}
+        head_scores = {g.index: scorer.heads(model, g.attention, _stat(by_index, g.index, "attention")) for g in attn}
         shape = choose_shape(list(head_scores.values()), first.num_kv_heads, candidates)
         for g in attn:
             keep, keep_kv, _ = keep_for_shape(head_scores[g.index], g.attention.num_kv_heads, shape)
@@ -206,8 +211,7 @@ def make_plan(model: nn.Module, layers: list[LayerGroups], stats: list[LayerStat
         else:
             uniform = round_width(width, request.ffn_sparsity or 0.0, request.round_to)
         if uniform < width:
-            scores = {g.index: scorer.ffn(model, g.ffn, by_index[g.index].ffn if g.index in by_index else None)
-                      for g in ffn}
+            scores = {g.index: scorer.ffn(model, g.ffn, _stat(by_index, g.index, "ffn")) for g in ffn}
             widths = (_allocate(scores, uniform * len(ffn), width, request.round_to) if request.non_uniform
                       else {g.index: uniform for g in ffn})
             for g in ffn:
