@@ -34,7 +34,7 @@ import transformers
 from prunekit.oneshot.data import calibration_windows, evaluation_windows, squad_paragraphs
 from prunekit.oneshot.data import CALIBRATION_ARTICLES, HELD_OUT_ARTICLES
 from prunekit.oneshot.evaluate import perplexity
-from prunekit.oneshot.pipeline import capture_block_inputs, to_device
+from prunekit.oneshot.pipeline import capture_block_inputs
 from prunekit.oneshot.structure import find_decoder
 from prunekit.oneshot.structured.apply import apply_structured, layer_groups
 from prunekit.oneshot.structured.flops import decoder_flops, decoder_params

@@ -189,7 +189,8 @@ def test_uniform_gqa_reloads_with_plain_transformers(kind, tmp_path):
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-    assert again.config.intermediate_size == 64 and again.config.num_key_value_heads * 2 >= again.config.num_attention_heads
+    config = again.config
+    assert config.intermediate_size == 64 and config.num_attention_heads == 2 and config.head_dim == 16
 
 
 def test_non_uniform_widths_load_through_load_slimmed(tmp_path):

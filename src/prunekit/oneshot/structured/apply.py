@@ -123,7 +123,8 @@ def apply_structured(model: nn.Module, structure: DecoderStructure, plan: Struct
     layers = layer_groups(model, structure)
     applied = Applied(kept)
 
-    ffn_cut = [(g, kept[g.index]) for g in layers if g.ffn is not None and plan.cuts[kept[g.index]].ffn_keep is not None]
+    ffn_cut = [(g, kept[g.index]) for g in layers
+               if g.ffn is not None and plan.cuts[kept[g.index]].ffn_keep is not None]
     attn_cut = [(g, kept[g.index]) for g in layers
                 if g.attention is not None and plan.cuts[kept[g.index]].heads_keep is not None]
     modes = {}

@@ -313,7 +313,8 @@ def table(report: dict[str, Any]) -> str:
         f"  parameters        {report['params_before']:>14,} -> {report['params_after']:,}",
         f"  decoder params    {report['decoder_params_before']:>14,} -> {report['decoder_params_after']:,} "
         f"({100 * report['decoder_fraction_kept']:.1f} % kept)",
-        f"  layers            {len(report['block_influence']):>14} -> {len(widths)} (dropped {report['dropped_layers']})",
+        f"  layers            {len(report['block_influence']):>14} -> {len(widths)} "
+        f"(dropped {report['dropped_layers']})",
         f"  FFN width         {spread(widths):>14}",
         f"  heads (kv)        {spread(heads):>14} ({spread(report['kv_heads'])})",
         f"  FLOP-ideal speed-up at {LATENCY_TOKENS} tokens: {report['flop_ideal_speedup']:.3f}x",
