@@ -10,6 +10,10 @@ scores, prunekit.oneshot.structured.flops). Prints one JSON object; writes bench
 
     python bench/structured.py                                       # the full protocol (slow on a shared CPU)
     python bench/structured.py --nsamples 8 --seqlen 256 --eval-windows 4 --repeats 9   # reduced budget
+
+Calibration and perplexity run on ``--ppl-threads`` (1) threads, the latency on ``--threads`` (2). On a shared,
+oversubscribed CPU OpenMP's spinning barrier makes 2-thread runs several times slower than 1-thread ones, so the
+script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import argparse
 import copy
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch's OpenMP starts: before importing torch
 import platform
 import shutil
 import statistics
@@ -125,14 +131,15 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=None, help="default: --seqlen")
     parser.add_argument("--tokens", type=int, default=512, help="latency: one sequence of this many tokens")
     parser.add_argument("--repeats", type=int, default=15, help="latency: alternating dense/pruned pairs")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the latency runs")
+    parser.add_argument("--ppl-threads", type=int, default=1, help="torch threads for calibration / perplexity")
     parser.add_argument("--cuts", nargs="+", default=list(CUTS), choices=list(CUTS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--recovery-tokens", type=int, default=32768)
     parser.add_argument("--no-recovery", action="store_true")
     parser.add_argument("--plot", default=str(Path(__file__).with_name("structured.png")))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.ppl_threads)
     started = time.perf_counter()
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
@@ -177,7 +184,9 @@ def main() -> None:
                          "flop_ideal_speedup": dense_flops / decoder_flops(model, st, new_layers, args.tokens),
                          "perplexity": perplexity(model, eval_ids, progress=True)}
                 if latency is None:  # latency depends on the widths only: once per cut
+                    torch.set_num_threads(args.threads)
                     latency = alternating_latency(dense_run, stack_runner(model, args.tokens), args.repeats)
+                    torch.set_num_threads(args.ppl_threads)
                 point["latency"] = latency
                 point["speedup_vs_ideal"] = latency["speedup"] / point["flop_ideal_speedup"]
                 point["recovered_perplexity"] = (None if recovery_note else
@@ -191,7 +200,8 @@ def main() -> None:
     result = {
         "bench": "structured", "model": args.model, "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "threads": args.threads,
+        "transformers": transformers.__version__, "threads": args.threads, "ppl_threads": args.ppl_threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "text": "SQuAD dev articles 1-38",
                         "seconds": round(calibration_s, 1)},
         "eval": {"windows": int(eval_ids.shape[0]), "seqlen": int(eval_ids.shape[1]),
