@@ -211,3 +211,12 @@ class PrunedLayer:
         patterns = dict(getattr(self.module, _PATTERN_ATTR, {}))
         patterns.pop(self.param_name, None)
         setattr(self.module, _PATTERN_ATTR, patterns)
+
+
+def drop_masks(module: nn.Module) -> None:
+    """Remove every prunekit mask buffer under ``module`` (the zeros stay in the weights)."""
+    for sub in module.modules():
+        for buffer in [b for b in sub._buffers if b.endswith(MASK_SUFFIX)]:
+            del sub._buffers[buffer]
+        if hasattr(sub, _PATTERN_ATTR):
+            setattr(sub, _PATTERN_ATTR, {})
