@@ -109,8 +109,12 @@ class Checkpoint:
             raise ConfigError("model", str(self.dir), "streaming a checkpoint needs accelerate: "
                               "pip install 'prunekit[transformers]'") from None
         # parameters on meta, buffers real: rotary tables are computed here, checkpoints do not carry them
-        with init_empty_weights(include_buffers=False):
-            model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        except (ValueError, KeyError) as e:  # an architecture without a causal-LM class
+            raise ConfigError("model", str(self.dir), "allowed: a causal LM architecture (AutoModelForCausalLM)",
+                              (str(e).splitlines() or [type(e).__name__])[0]) from None
         return model.eval()
 
     def key_of(self, name: str) -> str | None:
@@ -133,8 +137,10 @@ class Checkpoint:
             t = t.to(dtype)
         return t
 
-    def materialise(self, module: nn.Module, prefix: str, device: torch.device | None) -> None:
-        """Load every parameter (and stored buffer) of ``module`` (named ``prefix`` in the model) from the files."""
+    def materialise(self, module: nn.Module, prefix: str, device: torch.device | None,
+                    pool: TensorPool | None = None) -> None:
+        """Load every parameter (and stored buffer) of ``module`` (named ``prefix`` in the model) from the files,
+        into storage taken from ``pool`` when it holds a tensor of the same shape."""
         for name, param in list(module.named_parameters(recurse=True, remove_duplicate=False)):
             full = f"{prefix}.{name}" if prefix else name
             key = self.key_of(full)
@@ -147,7 +153,10 @@ class Checkpoint:
             if tuple(t.shape) != tuple(param.shape):
                 raise ConfigError("model", str(self.dir), "allowed: weights whose shapes match config.json",
                                   f"{key} has shape {tuple(t.shape)}, the config says {tuple(param.shape)}")
-            _set_tensor(module, name, nn.Parameter(t.to(device) if device else t, requires_grad=False))
+            t = t.to(device) if device else t
+            if pool is not None:
+                t = pool.fill(t)
+            _set_tensor(module, name, nn.Parameter(t, requires_grad=False))
         for name, buf in list(module.named_buffers()):
             key = self.key_of(f"{prefix}.{name}" if prefix else name)
             if key is not None:
@@ -225,11 +234,59 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         target._buffers[leaf] = value
 
 
-def release_parameters(module: nn.Module) -> None:
-    """Free ``module``'s parameters (they go back to meta); its buffers stay, for a later pass."""
+class TensorPool:
+    """Storage of released block parameters, reused for the next block (decoder blocks share their shapes).
+
+    Without it every block allocates and frees its weights afresh; glibc then serves later blocks from a
+    fragmented heap and the RSS creeps up by a few MiB per block, so peak memory would grow with depth.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def put(self, t: torch.Tensor) -> None:
+        self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t.detach())
+
+    def fill(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s values in a pooled tensor of its shape (``t`` itself when the pool has none)."""
+        free = self._free.get((tuple(t.shape), t.dtype, t.device))
+        if not free:
+            return t
+        target = free.pop()
+        target.copy_(t)
+        return target
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        import ctypes
+        import ctypes.util
+
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def return_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A block's temporaries (float32 copies, masks, the serialised shard) are freed into the heap, and glibc keeps
+    such holes resident; trimming after each block keeps the RSS at one block's worth instead of creeping up.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def release_parameters(module: nn.Module, pool: TensorPool | None = None) -> None:
+    """Free ``module``'s parameters (they go back to meta, their storage to ``pool``); buffers stay."""
     for sub in module.modules():
         for leaf, p in list(sub._parameters.items()):
             if p is not None and not p.is_meta:
+                if pool is not None:
+                    pool.put(p.data)
                 sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
@@ -337,10 +394,11 @@ class SafetensorsLayers:
         self.on_release, self.on_rest = on_release, on_rest
         self.structure = ckpt.structure
         self.rest_keys, self.block_keys = ckpt.keys_by_part()
+        self.pool = TensorPool()
 
     def load(self, index: int) -> nn.Module:
         block = self.structure.layers[index]
-        self.ckpt.materialise(block, self.structure.layer_name(index), self.device)
+        self.ckpt.materialise(block, self.structure.layer_name(index), self.device, self.pool)
         return block
 
     def release(self, index: int, block: nn.Module) -> None:
@@ -348,7 +406,8 @@ class SafetensorsLayers:
             self.on_release(index, block)  # the report measures the block before it goes
         if self.writer is not None:
             self.writer.write(self._tensors(self.block_keys[index], block, self.structure.layer_name(index)))
-        release_parameters(block)
+        release_parameters(block, self.pool)
+        return_free_memory()
 
     def _tensors(self, keys: list[str], module: nn.Module | None, prefix: str) -> dict[str, torch.Tensor]:
         """Each checkpoint key's tensor: from the materialised module when it holds it, else from the file."""
