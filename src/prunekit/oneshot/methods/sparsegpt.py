@@ -18,7 +18,7 @@ from prunekit.oneshot.methods.base import MethodOptions, OneShotMethod, pattern_
 from prunekit.oneshot.stats import InputStats
 from prunekit.patterns.base import Pattern
 
-_MAX_DAMPING_RETRIES = 8
+_MAX_DAMPING_RETRIES = 12  # up to 1e4 x mean(diag H): H + λI is then positive definite
 _warned_damping = False
 
 
@@ -38,7 +38,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
     if not torch.isfinite(hessian).all():
         raise ValueError("sparsegpt: the input Hessian holds NaN or inf (the layer's calibration inputs are not "
                          "finite); check the model in this dtype on the calibration data")
-    diag_mean = float(hessian.diagonal().mean())
+    diag_mean = float(hessian.diagonal().abs().mean())
     scale = diag_mean if diag_mean > 0 else 1.0
     damp = float(dampening)
     for attempt in range(_MAX_DAMPING_RETRIES):
