@@ -95,8 +95,10 @@ def test_sparsegpt_dead_inputs_and_rank_deficient_hessian_stay_finite():
     w = torch.randn(16, 32, generator=g)
     for spec in ("1x1", "2:4"):
         for damp in (0.01, 0.0):
-            new, keep = METHODS.get("sparsegpt").prune(w, stats, 0.5, parse_pattern(spec),
-                                                       MethodOptions(dampening=damp))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # dampening 0 is retried with a warning
+                new, keep = METHODS.get("sparsegpt").prune(w, stats, 0.5, parse_pattern(spec),
+                                                           MethodOptions(dampening=damp))
             assert torch.isfinite(new).all(), (spec, damp)
             assert torch.all(new[:, [0, 3, 7, 8, 31]] == 0)   # dead inputs' weights are dropped
             assert int((~keep).sum()) == 16 * 16
@@ -194,3 +196,14 @@ def test_dsnot_reduces_the_error_on_a_real_sized_row():
         after = reconstruction_shift(w, keep, stats.mean).abs().sum()
         assert after < 0.5 * before, spec
         assert not torch.equal(keep, keep0)
+
+
+def test_retrain_free_is_registered_as_a_whole_model_method():
+    method = METHODS.get("retrain_free")
+    assert method.whole_model and not METHODS.get("sparsegpt").whole_model
+    method.check_pattern(parse_pattern("channelx1"))
+    method.check_pattern(parse_pattern("1xchannel"))
+    with pytest.raises(ConfigError, match="pattern: got '1x1'"):
+        method.check_pattern(parse_pattern("1x1"))
+    with pytest.raises(TypeError, match="retrain_free_prune"):
+        method.prune(torch.ones(2, 2), None, 0.5, parse_pattern("channelx1"), MethodOptions())

@@ -53,6 +53,9 @@ class OneShotMethod(ABC):
     name: ClassVar[str]
     #: pattern kinds this method can produce (see :func:`pattern_kind`)
     patterns: ClassVar[tuple[str, ...]] = ("1x1", "N:M")
+    #: True for methods that need the whole model's gradients instead of one layer's inputs (retrain_free):
+    #: the caller runs them through their own entry point, never :meth:`prune` inside the layer pipeline
+    whole_model: ClassVar[bool] = False
 
     def stat_kinds(self, options: MethodOptions) -> tuple[str, ...]:
         """Which :class:`InputStats` kinds the method needs (given its options)."""
