@@ -10,7 +10,7 @@ defects.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,9 +18,21 @@ from torch import nn
 from prunekit import pruning as _pruning
 from prunekit.config import PruningConfig, load_config
 from prunekit.errors import ConfigError
+from prunekit.registry import Registry
 from prunekit.slimming.compat import model_slim, parse_auto_slim_config
 
 _ONESHOT_TYPES = ("sparse_gpt", "sparsegpt", "retrain_free", "wanda")
+
+#: pruning_types that ``prepare_pruning(..., dataloader=...)`` runs to completion at once, as the original did:
+#: name -> ``handler(model, config_with_only_those_pruners, dataloader, loss_func, device)``
+ONESHOT_HANDLERS: Registry[Callable[..., Any]] = Registry("pruning_type")
+
+
+@ONESHOT_HANDLERS.register("retrain_free")
+def _retrain_free(model: nn.Module, config: PruningConfig, dataloader: Any, loss_func: Any, device: Any) -> Any:
+    from prunekit.oneshot.retrain_free import retrain_free_prune  # the one-shot package loads only when used
+
+    return retrain_free_prune(model, dataloader, config, loss_func=loss_func, device=device)
 
 
 def WeightPruningConfig(pruning_configs: Iterable[dict] | None = None, target_sparsity: float = 0.9,
@@ -115,17 +127,38 @@ def prepare_compression(model: nn.Module, confs: Any) -> CompressionManager:
 def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None,
                     dataloader: Any = None, loss_func: Any = None, framework: str = "pytorch",
                     device: Any = None) -> _pruning.Pruning:
-    """The original's auto-hook entry point. Training-aware pruning needs ``optimizer``."""
+    """The original's auto-hook entry point.
+
+    Training-aware pruners need ``optimizer``; one-shot ones (:data:`ONESHOT_HANDLERS`, e.g. ``retrain_free``)
+    need ``dataloader`` and run to completion here. One family gives its object, both a list (as the original).
+    """
     if framework != "pytorch":
         raise ConfigError("framework", framework, "allowed: 'pytorch'")
     cfg = load_config(config)
-    oneshot = [p.pruning_type for p in cfg.pruners if any(t in p.pruning_type for t in _ONESHOT_TYPES)]
-    if oneshot or optimizer is None:
-        raise ConfigError("optimizer", optimizer,
-                          "training-aware pruning needs the optimizer; dataloader-driven one-shot pruning "
-                          "(sparse_gpt, retrain_free, wanda) is not part of this release")
-    return _pruning.prepare_pruning(model, cfg, optimizer)
+    by_handler: dict[str, list] = {}
+    training = []
+    for p in cfg.pruners:
+        if p.criterion in ONESHOT_HANDLERS:
+            by_handler.setdefault(p.criterion, []).append(p)
+        elif any(t in p.pruning_type for t in _ONESHOT_TYPES):
+            raise ConfigError("pruning_type", p.pruning_type,
+                              f"allowed one-shot types: {', '.join(ONESHOT_HANDLERS.names())}",
+                              "this one-shot type is not available through prepare_pruning")
+        else:
+            training.append(p)
+    if by_handler and dataloader is None:
+        raise ConfigError("dataloader", None, f"required for pruning_type {', '.join(by_handler)} (one-shot "
+                          "pruning runs over the calibration dataloader once)")
+    if training and optimizer is None or not training and not by_handler:
+        raise ConfigError("optimizer", optimizer, "training-aware pruning needs the optimizer")
+    results = []
+    if training:
+        results.append(_pruning.prepare_pruning(model, PruningConfig(pruners=tuple(training)), optimizer))
+    for name, pruners in by_handler.items():
+        results.append(ONESHOT_HANDLERS.get(name)(model, PruningConfig(pruners=tuple(pruners)), dataloader,
+                                                  loss_func, device))
+    return results[0] if len(results) == 1 else results
 
 
-__all__ = ["WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning", "CompressionManager",
+__all__ = ["ONESHOT_HANDLERS", "WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning", "CompressionManager",
            "parse_auto_slim_config", "model_slim"]

@@ -61,5 +61,9 @@ class PatternLock(Criterion):
         raise RuntimeError("pattern_lock does not rank units")
 
 
-__all__ = ["CRITERIA", "Criterion", "GradientCriterion", "Magnitude", "Gradient", "Snip", "SnipMomentum",
+from prunekit.criteria.fisher import Fisher  # noqa: E402  (needs CRITERIA's base classes only)
+
+CRITERIA.register("retrain_free")(Fisher)
+
+__all__ = ["Fisher", "CRITERIA", "Criterion", "GradientCriterion", "Magnitude", "Gradient", "Snip", "SnipMomentum",
            "PatternLock"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.oneshot.methods.base import MethodOptions, OneShotMethod, pattern_kind, register_method
+from prunekit.oneshot.methods.dsnot import DSNOT_STATS, dsnot_refine
 from prunekit.oneshot.stats import InputStats
 from prunekit.patterns.base import Pattern
 
@@ -27,7 +28,15 @@ def keep_lowest_pruned(scores: torch.Tensor, sparsity: float, pattern: Pattern) 
 class Magnitude(OneShotMethod):
     name = "magnitude"
 
+    def stat_kinds(self, options: MethodOptions) -> tuple[str, ...]:
+        # magnitude alone needs no calibration; its mask refined by DSnoT does
+        return DSNOT_STATS if options.dsnot else ()
+
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
               options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
         keep = keep_lowest_pruned(weight.abs(), sparsity, pattern)
+        if options.dsnot:
+            if stats is None:
+                raise ValueError("magnitude with dsnot needs the layer's input statistics (sq_norm, mean, var)")
+            keep = dsnot_refine(weight, keep, stats, pattern, options)
         return weight * keep, keep
