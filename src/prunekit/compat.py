@@ -35,6 +35,82 @@ def _retrain_free(model: nn.Module, config: PruningConfig, dataloader: Any, loss
     return retrain_free_prune(model, dataloader, config, loss_func=loss_func, device=device)
 
 
+def _calibration_batches(dataloader: Any, limit: int | None = None) -> list[dict]:
+    """The original's dataloaders as model batches: dicts (kept whole, per batch), id tensors, (ids, ...) tuples."""
+    batches = []
+    for batch in dataloader:
+        if limit is not None and len(batches) >= limit:
+            break
+        if isinstance(batch, dict) or hasattr(batch, "keys"):
+            item = {k: v for k, v in dict(batch).items() if k != "labels"}  # labels only make the model score
+        elif isinstance(batch, torch.Tensor):
+            item = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+        elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            ids = batch[0]
+            item = {"input_ids": ids if ids.dim() == 2 else ids.unsqueeze(0)}
+        else:
+            raise ConfigError("dataloader", type(batch).__name__, "allowed batches: dicts with input_ids, "
+                              "LongTensors of token ids, or (input_ids, ...) tuples")
+        batches.append(item)
+    if not batches:
+        raise ConfigError("dataloader", "no batches", "allowed: a dataloader yielding at least one batch")
+    return batches
+
+
+def _model_device(model: nn.Module, device: Any) -> str | None:
+    if device is not None:
+        return str(device)
+    first = next(model.parameters(), None)
+    return str(first.device) if first is not None else None
+
+
+@ONESHOT_HANDLERS.register("sparse_gpt")
+def _sparse_gpt(model: nn.Module, config: PruningConfig, dataloader: Any, loss_func: Any, device: Any) -> Any:
+    """SparseGPT to completion, one pass per pruner (each over its own op_names); masks stay prunekit masks."""
+    from prunekit.oneshot.api import oneshot
+    from prunekit.oneshot.config import OneShotConfig
+
+    configs = []
+    for i, p in enumerate(config.pruners):  # every pruner checked before any work
+        keys = {"method": "sparsegpt", "pattern": p.pattern, "op_names": p.op_names,
+                "excluded_op_names": p.excluded_op_names, "device": _model_device(model, device)}
+        if ":" not in p.pattern:  # N:M fixes its own sparsity, the original ignored the target there
+            keys["target_sparsity"] = p.target_sparsity
+        try:
+            configs.append(OneShotConfig(**keys))
+        except ConfigError as err:
+            raise ConfigError(err.key, err.value, err.allowed, f"in pruning_configs[{i}]") from None
+    batches = _calibration_batches(dataloader)
+    reports = [oneshot(model, batches, {**c.to_dict(), "nsamples": len(batches)}, progress=True) for c in configs]
+    return reports[0] if len(reports) == 1 else reports
+
+
+def prune_wanda(model: nn.Module, dataloader: Any, sparsity_ratio: float, prune_n: int = 0, prune_m: int = 0,
+                nsamples: int = 128, use_variant: bool = False, device: Any = None, low_mem_usage: Any = None,
+                dsnot: bool = False) -> Any:
+    """The original's standalone Wanda (``neural_compressor.compression.pruner.wanda.prune_wanda``).
+
+    Unstructured at ``sparsity_ratio`` or, with ``prune_n`` and ``prune_m``, N:M (``prune_n`` zeros in every
+    ``prune_m`` inputs); the first ``nsamples`` batches of ``dataloader`` calibrate; ``dsnot`` refines the masks.
+    ``low_mem_usage`` is accepted and not needed: one decoder block is on the device at a time anyway. Returns
+    the :class:`~prunekit.oneshot.report.OneShotReport`; the masks stay on the model as prunekit masks.
+    """
+    from prunekit.oneshot.api import oneshot
+
+    if bool(prune_n) != bool(prune_m):
+        raise ConfigError("prune_n", (prune_n, prune_m), "allowed: both prune_n and prune_m (N:M), or neither")
+    keys: dict[str, Any] = {"method": "wanda", "use_variant": use_variant, "dsnot": dsnot,
+                            "device": _model_device(model, device), "nsamples": nsamples}
+    if prune_n:
+        keys["pattern"] = f"{prune_n}:{prune_m}"
+    else:
+        keys["target_sparsity"] = sparsity_ratio
+    from prunekit.oneshot.config import OneShotConfig
+
+    cfg = OneShotConfig(**keys)
+    return oneshot(model, _calibration_batches(dataloader, nsamples), cfg, progress=True)
+
+
 def WeightPruningConfig(pruning_configs: Iterable[dict] | None = None, target_sparsity: float = 0.9,
                         pruning_type: str = "snip_momentum", pattern: str = "4x1", op_names: list | None = None,
                         excluded_op_names: list | None = None, backend: Any = None, start_step: int = 0,
@@ -160,5 +236,5 @@ def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimi
     return results[0] if len(results) == 1 else results
 
 
-__all__ = ["ONESHOT_HANDLERS", "WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning", "CompressionManager",
-           "parse_auto_slim_config", "model_slim"]
+__all__ = ["ONESHOT_HANDLERS", "WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning",
+           "prune_wanda", "CompressionManager", "parse_auto_slim_config", "model_slim"]

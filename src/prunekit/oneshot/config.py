@@ -73,7 +73,7 @@ class OneShotConfig(FrozenConfig):
     dampening: float = 0.01
     dsnot: bool = False
     dsnot_cycles: int = 100
-    dsnot_threshold: float = 0.1
+    dsnot_threshold: float = 5e-5  # per calibration token (prunekit.oneshot.methods.MethodOptions)
     use_variant: bool = False
     seed: int = 0
     device: str | None = None
@@ -177,6 +177,7 @@ class OneShotConfig(FrozenConfig):
         pattern = self.parsed_pattern
         method = _methods().get(self.method)
         method.check_pattern(pattern)  # ConfigError(key="pattern"): the method decides what it can produce
+        method.check_options(self.method_options())
         self.make_profile().check_pattern(pattern)  # e.g. owl cannot vary N:M sparsity
         if pattern.max_sparsity < 1.0:  # N:M fixes the sparsity at N/M
             if "target_sparsity" in self.model_fields_set and \
