@@ -158,3 +158,14 @@ def test_existing_output_dir_and_model_without_decoder_are_refused(tmp_path):
         prunekit.oneshot(tiny_llm("llama"), _ids(), {"method": "magnitude"}, output_dir=tmp_path / "out")
     with pytest.raises(SelectionError, match="without decoder layers"):
         prunekit.oneshot(torch.nn.Sequential(torch.nn.Linear(4, 4)), _ids(), {"method": "magnitude"})
+
+
+def test_whole_model_method_runs_through_the_same_call():
+    model = tiny_llm("llama", layers=2)
+    report = prunekit.oneshot(model, _ids(2, 16), {"method": "retrain_free", "pattern": "channelx1",
+                                                   "target_sparsity": 0.25, "op_names": ["down_proj"]},
+                              progress=False)
+    down = model.model.layers[0].mlp.down_proj.weight
+    dead_columns = int((down == 0).all(dim=0).sum())
+    assert dead_columns > 0 and report.method == "retrain_free"
+    assert [r.name for r in report.sparsity.layers] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]

@@ -156,12 +156,19 @@ def oneshot(model_or_path: nn.Module | str | os.PathLike, calibration: Calibrati
     else:
         raise ConfigError("model", type(model_or_path).__name__, "allowed: an nn.Module causal LM, a model "
                           "directory or a hub id")
-    run = _Run(cfg, model, structure, device)
+    whole_model = METHODS.get(cfg.method).whole_model
+    if whole_model and ckpt is not None:
+        raise ConfigError("method", cfg.method, "allowed for a model path: methods that prune block by block "
+                          "(sparsegpt, wanda, magnitude); load the model and pass the nn.Module for whole-model "
+                          "methods such as retrain_free (they need the whole model's gradients)")
+    run = None if whole_model else _Run(cfg, model, structure, device)
     batches = calibration_batches(calibration, cfg, tokenizer, factory, split=dataset_split,
                                   text_column=text_column)
     if not batches:
         raise ConfigError("calibration", "no batches", "allowed: at least one calibration sample")
     nsamples, seqlen = _batch_shape(batches)
+    if run is None:
+        return _whole_model(cfg, model, batches, nsamples, seqlen, name, device, out, tokenizer, began, progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
@@ -183,6 +190,33 @@ def oneshot(model_or_path: nn.Module | str | os.PathLike, calibration: Calibrati
             _finish_report(report, began, device)
         return report
     return _streamed(cfg, run, ckpt, batches, nsamples, seqlen, name, device, out, began, progress)
+
+
+def _whole_model(cfg: OneShotConfig, model: nn.Module, batches: list[Any], nsamples: int, seqlen: int, name: str,
+                 device: torch.device, out: Path | None, tokenizer: Any, began: float,
+                 progress: bool) -> OneShotReport:
+    """Methods that score from whole-model gradients (retrain_free): their own entry point, same report."""
+    from prunekit.oneshot.retrain_free import retrain_free_prune
+
+    # language-model loss on the calibration tokens: the labels are the inputs (shifted inside the model)
+    lm_batches = [b if isinstance(b, dict) else {"input_ids": b, "labels": b} for b in batches]
+    pruning = {"pruning_type": cfg.method, "pattern": cfg.pattern, "target_sparsity": cfg.target_sparsity,
+               "op_names": list(cfg.op_names), "excluded_op_names": list(cfg.excluded_op_names)}
+    retrain_free_prune(model, lm_batches, pruning, device=device, progress=progress)
+    report = OneShotReport(method=cfg.method, pattern=cfg.pattern, target_sparsity=cfg.target_sparsity,
+                           profile=cfg.profile, sparsity=sparsity_report(model), nsamples=nsamples, seqlen=seqlen,
+                           model=name, device=str(device), output_dir=str(out) if out else None,
+                           config=cfg.to_dict())
+    if out is not None:
+        with staged_dir(out) as staging:
+            model.save_pretrained(staging)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(staging)
+            _finish_report(report, began, device)
+            report.save(staging)
+    else:
+        _finish_report(report, began, device)
+    return report
 
 
 def _streamed(cfg: OneShotConfig, run: _Run, ckpt: Checkpoint, batches: list[Any], nsamples: int, seqlen: int,
