@@ -69,8 +69,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     base = load_oneshot_config(args.config) if args.config else OneShotConfig.model_construct()
     data = {k: getattr(base, k) for k in base.model_fields_set}
     data.update({key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items() if getattr(args, flag) is not None})
-    if "pattern" in {k for f, k in CONFIG_FLAGS.items() if getattr(args, f) is not None} and args.sparsity is None:
-        data.pop("target_sparsity", None)  # a new N:M pattern from the command line sets its own N/M
+    if args.pattern is not None and ":" in args.pattern and args.sparsity is None:
+        data.pop("target_sparsity", None)  # an N:M pattern from the command line sets its own N/M
     return OneShotConfig(**data)
 
 
