@@ -132,6 +132,9 @@ def test_sparsegpt_rejects_dsnot_and_bad_options():
         method.prune(w, stats, 0.5, parse_pattern("2:4"), MethodOptions())
     with pytest.raises(ConfigError, match="pattern: got '4x1'"):
         method.check_pattern(parse_pattern("4x1"))
+    for name in ("wanda", "magnitude"):
+        with pytest.raises(ConfigError, match="M dividing the layer's 6 inputs"):
+            METHODS.get(name).prune(w, stats, 0.5, parse_pattern("2:4"), MethodOptions())
 
 
 def test_stat_kinds_follow_options():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit.errors import ConfigError
 from prunekit.oneshot.methods.base import MethodOptions, OneShotMethod, pattern_kind, register_method
 from prunekit.oneshot.methods.dsnot import DSNOT_STATS, dsnot_refine
 from prunekit.oneshot.stats import InputStats
@@ -13,6 +14,8 @@ def keep_lowest_pruned(scores: torch.Tensor, sparsity: float, pattern: Pattern) 
     """Keep-mask pruning the lowest ``scores``: over the whole layer for 1x1, the N lowest of each M for N:M."""
     if pattern_kind(pattern) == "N:M":
         n, m = pattern.n, pattern.m
+        if scores.shape[1] % m:
+            raise ConfigError("pattern", pattern.spec, f"allowed: M dividing the layer's {scores.shape[1]} inputs")
         groups = scores.reshape(scores.shape[0], -1, m)
         drop = groups.topk(n, dim=-1, largest=False).indices
         keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
