@@ -17,7 +17,8 @@ from torch import nn
 
 from prunekit.errors import ConfigError
 from prunekit.masks import drop_masks
-from prunekit.oneshot.checkpoint import Checkpoint, SafetensorsLayers, ShardWriter, staged_dir
+from prunekit.oneshot.checkpoint import (Checkpoint, SafetensorsLayers, ShardWriter, return_free_memory,
+                                         staged_dir)
 from prunekit.oneshot.config import OneShotConfig, load_oneshot_config
 from prunekit.oneshot.data import calibration_windows, load_texts
 from prunekit.oneshot.methods import METHODS
@@ -104,7 +105,8 @@ class _Run:
     def _linears(self, ctx: LayerContext) -> dict[str, nn.Module]:
         return self.selection.modules(ctx.index, ctx.block)
 
-    def run(self, batches: list[Any], source_factory: Callable[[bool], LayerSource], progress: bool) -> None:
+    def run(self, batches: list[Any], source_factory: Callable[[bool], LayerSource], progress: bool,
+            after_linear: Callable[[], None] | None = None) -> None:
         """The profile's dense pass when it needs one, then the pruning pass."""
         def dense_pass(observe: Callable) -> None:
             run_sequential(self.model, batches, lambda ctx: observe(ctx, self._linears(ctx)),
@@ -118,7 +120,7 @@ class _Run:
             linears = self._linears(ctx)
             if linears:
                 prune_block(ctx, linears, self.selection.per_block[ctx.index], self.sparsities[ctx.index],
-                            self.pattern, self.method, self.options)
+                            self.pattern, self.method, self.options, after_linear)
 
         run_sequential(self.model, batches, on_layer, structure=self.structure, source=source_factory(True),
                        device=self.device, progress=progress, desc=f"{self.method.name} {self.pattern.spec}")
@@ -236,13 +238,13 @@ def _streamed(cfg: OneShotConfig, run: _Run, ckpt: Checkpoint, batches: list[Any
         return SafetensorsLayers(ckpt, device, writer_cm, measure, lambda model: rest.append(sparsity_report(model)))
 
     if writer_cm is None:
-        run.run(batches, source, progress)
+        run.run(batches, source, progress, return_free_memory)
         report = _report(cfg, run, SparsityReport.merge(rest + [parts[i] for i in sorted(parts)]), nsamples,
                          seqlen, name, device, None, began, streamed=True)
         _finish_report(report, began, device)
         return report
     with writer_cm as writer:
-        run.run(batches, source, progress)
+        run.run(batches, source, progress, return_free_memory)
         report = _report(cfg, run, SparsityReport.merge(rest + [parts[i] for i in sorted(parts)]), nsamples,
                          seqlen, name, device, out, began, streamed=True)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -125,13 +125,16 @@ def prune_linear(name: str, module: nn.Module, stats: Any, sparsity: float, patt
 
 
 def prune_block(ctx: LayerContext, linears: Mapping[str, nn.Module], qualified: Mapping[str, str],
-                sparsity: float, pattern: Pattern, method: OneShotMethod,
-                options: MethodOptions) -> list[PrunedLayer]:
-    """One block: one statistics pass over all its selected linears, then each one pruned."""
+                sparsity: float, pattern: Pattern, method: OneShotMethod, options: MethodOptions,
+                after_linear: Callable[[], None] | None = None) -> list[PrunedLayer]:
+    """One block: one statistics pass over all its selected linears, then each one pruned (``after_linear`` runs
+    after each, e.g. to hand the heap's freed temporaries back while streaming)."""
     kinds = method.stat_kinds(options)
     stats = ctx.collect(linears, kinds) if kinds else {}
     layers = []
     for rel, module in linears.items():
         layers.append(prune_linear(qualified[rel], module, stats.pop(rel, None), sparsity, pattern, method,
                                    options))
+        if after_linear is not None:
+            after_linear()
     return layers
