@@ -36,3 +36,25 @@ def smollm2_dir() -> Path:
     if not (SMOLLM2_DIR / "config.json").is_file():
         pytest.skip(f"SmolLM2-135M not built at {SMOLLM2_DIR} (set PRUNEKIT_SMOLLM2_DIR)")
     return SMOLLM2_DIR
+
+
+def char_tokenizer(vocab_size: int = 128):
+    """A character-level fast tokenizer with ids < ``vocab_size`` (for text calibration of tiny models)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + vocab_size - 2)]
+    vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def tiny_checkpoint(directory: Path, kind: str = "llama", layers: int = 2, dtype: torch.dtype = torch.float32,
+                    max_shard_size: str | None = None) -> Path:
+    """``tiny_llm(kind, layers)`` saved as a Hugging Face safetensors checkout with a character tokenizer."""
+    model = tiny_llm(kind, layers).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    char_tokenizer().save_pretrained(directory)
+    return Path(directory)

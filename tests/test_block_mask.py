@@ -186,8 +186,8 @@ def test_the_1x_and_2x_config_forms_accept_it():
     ("blockmask", "did you mean 'block_mask'?"),
     ("block_mask_progresive", "did you mean 'block_mask_progressive'?"),
     ("snip_momentum_progresive", "did you mean 'snip_momentum_progressive'?"),
-    ("sparse_gpt", "not part of this release"),
-    ("retrain_free", "not part of this release"),
+    ("wanda", "prunekit.compat.prune_wanda"),
+    ("sparse_gpt_progressive", "sparse_gpt has no progressive form"),
 ])
 def test_unknown_pruning_types_suggest_pruning_types(value, hint):
     with pytest.raises(ConfigError) as info:

@@ -114,7 +114,7 @@ BAD = [
     ({"pattern": "4:2"}, "pattern", "4:2", "0 < N < M"),
     ({"pattern": 124}, "pattern", "124", "N:M"),
     ({"pruning_type": "snip_momentun"}, "pruning_type", "'snip_momentun'", "did you mean 'snip_momentum'"),
-    ({"pruning_type": "sparse_gpt"}, "pruning_type", "'sparse_gpt'", "magnitude, gradient, snip"),
+    ({"pruning_type": "wanda"}, "pruning_type", "'wanda'", "magnitude, gradient, snip"),  # prune_wanda only
     ({"pruning_type": "pattern_lock_progressive"}, "pruning_type", "'pattern_lock_progressive'", "_progressive"),
     ({"pruning_type": "pattern_lock", "end_step": 10}, "end_step", "10", "equal to start_step (0)"),
     ({"reg_type": "l1"}, "reg_type", "'l1'", "'group_lasso'"),

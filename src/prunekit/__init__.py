@@ -17,13 +17,14 @@ from prunekit.config import PrunerConfig, PruningConfig, load_config
 from prunekit.errors import ConfigError, PrunekitError, SelectionError, SlimmingError
 from prunekit.pruning import Pruning, prepare_pruning
 from prunekit.report import SparsityReport, sparsity_report
-from prunekit import slimming
+from prunekit import oneshot, slimming
+from prunekit.oneshot import OneShotConfig, OneShotReport
 from prunekit.slimming import auto_slim_configs, load_slimmed, save_slimmed, slim
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "PrunekitError", "PrunerConfig", "Pruning", "PruningConfig", "SelectionError",
-    "SlimmingError", "SparsityReport", "auto_slim_configs", "load_config", "load_slimmed", "prepare_pruning",
+    "ConfigError", "OneShotConfig", "OneShotReport", "PrunekitError", "PrunerConfig", "Pruning", "PruningConfig", "SelectionError",
+    "SlimmingError", "SparsityReport", "auto_slim_configs", "load_config", "load_slimmed", "oneshot", "prepare_pruning",
     "save_slimmed", "slim", "slimming", "sparsity_report", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Console commands: ``prunekit glue|squad`` and the stand-alone ``prunekit-glue`` / ``prunekit-squad``.
+"""Console commands: ``prunekit glue|squad|oneshot`` and the stand-alone ``prunekit-glue`` / ``prunekit-squad``.
 
 The flags are the original INC example scripts' (``run_glue_no_trainer.py`` / ``run_qa_no_trainer.py``), so a
 shell recipe runs by swapping the script name. Errors a user can fix are printed as one line and exit with
@@ -25,13 +25,7 @@ def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[s
     parser = parser_factory(prog)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        if runner_name == "glue":
-            from prunekit.recipes.data import get_glue_task
-            from prunekit.recipes.glue import run_glue as runner
-
-            get_glue_task(args.task_name)  # unknown task: fail before anything else
-        else:
-            from prunekit.recipes.squad import run_squad as runner
+        runner = RUNNERS[runner_name]()
         runner(args)
     except (PrunekitError, FileNotFoundError) as exc:
         # PrunekitError covers RecipeError, ConfigError and SelectionError. Full traceback: PRUNEKIT_DEBUG=1.
@@ -42,6 +36,40 @@ def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[s
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _glue_runner() -> Callable:
+    from prunekit.recipes.data import get_glue_task
+    from prunekit.recipes.glue import run_glue
+
+    def run(args: object) -> None:
+        get_glue_task(args.task_name)  # unknown task: fail before anything else
+        run_glue(args)
+
+    return run
+
+
+def _squad_runner() -> Callable:
+    from prunekit.recipes.squad import run_squad
+
+    return run_squad
+
+
+def _oneshot_runner() -> Callable:
+    from prunekit.oneshot.cli import run_oneshot
+
+    return run_oneshot
+
+
+def _oneshot_parser(prog: str) -> object:
+    from prunekit.oneshot.cli import oneshot_parser
+
+    return oneshot_parser(prog)
+
+
+# runner name -> factory of the function that runs the parsed arguments (imported only when used)
+RUNNERS: dict[str, Callable[[], Callable]] = {"glue": _glue_runner, "squad": _squad_runner,
+                                              "oneshot": _oneshot_runner}
 
 
 def glue_main(argv: Sequence[str] | None = None) -> int:
@@ -58,10 +86,11 @@ def squad_main(argv: Sequence[str] | None = None) -> int:
     return _run("prunekit-squad", squad_parser, "squad", argv)
 
 
-USAGE = """usage: prunekit {glue,squad} [flags]
+USAGE = """usage: prunekit {glue,squad,oneshot} [flags]
 
-  glue    fine-tune / prune / distil a sequence classifier on a GLUE task (same as prunekit-glue)
-  squad   fine-tune / prune / distil an extractive QA model on SQuAD v1.1 (same as prunekit-squad)
+  glue     fine-tune / prune / distil a sequence classifier on a GLUE task (same as prunekit-glue)
+  squad    fine-tune / prune / distil an extractive QA model on SQuAD v1.1 (same as prunekit-squad)
+  oneshot  prune a decoder LLM in one shot from calibration text (SparseGPT, Wanda, magnitude)
 
 'prunekit glue --help' lists the flags."""
 
@@ -81,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prunekit.recipes.args import squad_parser
 
         return _run("prunekit squad", squad_parser, "squad", rest)
+    if command == "oneshot":
+        return _run("prunekit oneshot", _oneshot_parser, "oneshot", rest)
     if command in {"--version", "version"}:
         try:
             from importlib.metadata import version
@@ -89,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:  # noqa: BLE001
             print("unknown")
         return 0
-    print(f"prunekit: error: unknown command {command!r}; choose glue or squad (see prunekit --help)",
+    print(f"prunekit: error: unknown command {command!r}; choose glue, squad or oneshot (see prunekit --help)",
           file=sys.stderr)
     return EXIT_USAGE
 

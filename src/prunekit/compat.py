@@ -10,7 +10,7 @@ defects.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -19,9 +19,97 @@ from prunekit import pruning as _pruning
 from prunekit.config import PruningConfig, load_config
 from prunekit.config.legacy import translate_overrides
 from prunekit.errors import ConfigError
+from prunekit.registry import Registry
 from prunekit.slimming.compat import model_slim, parse_auto_slim_config
 
 _ONESHOT_TYPES = ("sparse_gpt", "sparsegpt", "retrain_free", "wanda")
+
+#: pruning_types that ``prepare_pruning(..., dataloader=...)`` runs to completion at once, as the original did:
+#: name -> ``handler(model, config_with_only_those_pruners, dataloader, loss_func, device)``
+ONESHOT_HANDLERS: Registry[Callable[..., Any]] = Registry("pruning_type")
+
+
+@ONESHOT_HANDLERS.register("retrain_free")
+def _retrain_free(model: nn.Module, config: PruningConfig, dataloader: Any, loss_func: Any, device: Any) -> Any:
+    from prunekit.oneshot.retrain_free import retrain_free_prune  # the one-shot package loads only when used
+
+    return retrain_free_prune(model, dataloader, config, loss_func=loss_func, device=device)
+
+
+def _calibration_batches(dataloader: Any, limit: int | None = None) -> list[dict]:
+    """The original's dataloaders as model batches: dicts (kept whole, per batch), id tensors, (ids, ...) tuples."""
+    batches = []
+    for batch in dataloader:
+        if limit is not None and len(batches) >= limit:
+            break
+        if isinstance(batch, dict) or hasattr(batch, "keys"):
+            item = {k: v for k, v in dict(batch).items() if k != "labels"}  # labels only make the model score
+        elif isinstance(batch, torch.Tensor):
+            item = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+        elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            ids = batch[0]
+            item = {"input_ids": ids if ids.dim() == 2 else ids.unsqueeze(0)}
+        else:
+            raise ConfigError("dataloader", type(batch).__name__, "allowed batches: dicts with input_ids, "
+                              "LongTensors of token ids, or (input_ids, ...) tuples")
+        batches.append(item)
+    if not batches:
+        raise ConfigError("dataloader", "no batches", "allowed: a dataloader yielding at least one batch")
+    return batches
+
+
+def _model_device(model: nn.Module, device: Any) -> str | None:
+    if device is not None:
+        return str(device)
+    first = next(model.parameters(), None)
+    return str(first.device) if first is not None else None
+
+
+@ONESHOT_HANDLERS.register("sparse_gpt")
+def _sparse_gpt(model: nn.Module, config: PruningConfig, dataloader: Any, loss_func: Any, device: Any) -> Any:
+    """SparseGPT to completion, one pass per pruner (each over its own op_names); masks stay prunekit masks."""
+    from prunekit.oneshot.api import oneshot
+    from prunekit.oneshot.config import OneShotConfig
+
+    configs = []
+    for i, p in enumerate(config.pruners):  # every pruner checked before any work
+        keys = {"method": "sparsegpt", "pattern": p.pattern, "op_names": p.op_names,
+                "excluded_op_names": p.excluded_op_names, "device": _model_device(model, device)}
+        if ":" not in p.pattern:  # N:M fixes its own sparsity, the original ignored the target there
+            keys["target_sparsity"] = p.target_sparsity
+        try:
+            configs.append(OneShotConfig(**keys))
+        except ConfigError as err:
+            raise ConfigError(err.key, err.value, err.allowed, f"in pruning_configs[{i}]") from None
+    batches = _calibration_batches(dataloader)
+    reports = [oneshot(model, batches, {**c.to_dict(), "nsamples": len(batches)}, progress=True) for c in configs]
+    return reports[0] if len(reports) == 1 else reports
+
+
+def prune_wanda(model: nn.Module, dataloader: Any, sparsity_ratio: float, prune_n: int = 0, prune_m: int = 0,
+                nsamples: int = 128, use_variant: bool = False, device: Any = None, low_mem_usage: Any = None,
+                dsnot: bool = False) -> Any:
+    """The original's standalone Wanda (``neural_compressor.compression.pruner.wanda.prune_wanda``).
+
+    Unstructured at ``sparsity_ratio`` or, with ``prune_n`` and ``prune_m``, N:M (``prune_n`` zeros in every
+    ``prune_m`` inputs); the first ``nsamples`` batches of ``dataloader`` calibrate; ``dsnot`` refines the masks.
+    ``low_mem_usage`` is accepted and not needed: one decoder block is on the device at a time anyway. Returns
+    the :class:`~prunekit.oneshot.report.OneShotReport`; the masks stay on the model as prunekit masks.
+    """
+    from prunekit.oneshot.api import oneshot
+
+    if bool(prune_n) != bool(prune_m):
+        raise ConfigError("prune_n", (prune_n, prune_m), "allowed: both prune_n and prune_m (N:M), or neither")
+    keys: dict[str, Any] = {"method": "wanda", "use_variant": use_variant, "dsnot": dsnot,
+                            "device": _model_device(model, device), "nsamples": nsamples}
+    if prune_n:
+        keys["pattern"] = f"{prune_n}:{prune_m}"
+    else:
+        keys["target_sparsity"] = sparsity_ratio
+    from prunekit.oneshot.config import OneShotConfig
+
+    cfg = OneShotConfig(**keys)
+    return oneshot(model, _calibration_batches(dataloader, nsamples), cfg, progress=True)
 
 
 def WeightPruningConfig(pruning_configs: Iterable[dict] | None = None, target_sparsity: float = 0.9,
@@ -134,17 +222,38 @@ def prepare_compression(model: nn.Module, confs: Any,
 def prepare_pruning(model: nn.Module, config: Any, optimizer: torch.optim.Optimizer | None = None,
                     dataloader: Any = None, loss_func: Any = None, framework: str = "pytorch",
                     device: Any = None) -> _pruning.Pruning:
-    """The original's auto-hook entry point. Training-aware pruning needs ``optimizer``."""
+    """The original's auto-hook entry point.
+
+    Training-aware pruners need ``optimizer``; one-shot ones (:data:`ONESHOT_HANDLERS`, e.g. ``retrain_free``)
+    need ``dataloader`` and run to completion here. One family gives its object, both a list (as the original).
+    """
     if framework != "pytorch":
         raise ConfigError("framework", framework, "allowed: 'pytorch'")
     cfg = load_config(config)
-    oneshot = [p.pruning_type for p in cfg.pruners if any(t in p.pruning_type for t in _ONESHOT_TYPES)]
-    if oneshot or optimizer is None:
-        raise ConfigError("optimizer", optimizer,
-                          "training-aware pruning needs the optimizer; dataloader-driven one-shot pruning "
-                          "(sparse_gpt, retrain_free, wanda) is not part of this release")
-    return _pruning.prepare_pruning(model, cfg, optimizer)
+    by_handler: dict[str, list] = {}
+    training = []
+    for p in cfg.pruners:
+        if p.criterion in ONESHOT_HANDLERS:
+            by_handler.setdefault(p.criterion, []).append(p)
+        elif any(t in p.pruning_type for t in _ONESHOT_TYPES):
+            raise ConfigError("pruning_type", p.pruning_type,
+                              f"allowed one-shot types: {', '.join(ONESHOT_HANDLERS.names())}",
+                              "this one-shot type is not available through prepare_pruning")
+        else:
+            training.append(p)
+    if by_handler and dataloader is None:
+        raise ConfigError("dataloader", None, f"required for pruning_type {', '.join(by_handler)} (one-shot "
+                          "pruning runs over the calibration dataloader once)")
+    if training and optimizer is None or not training and not by_handler:
+        raise ConfigError("optimizer", optimizer, "training-aware pruning needs the optimizer")
+    results = []
+    if training:
+        results.append(_pruning.prepare_pruning(model, PruningConfig(pruners=tuple(training)), optimizer))
+    for name, pruners in by_handler.items():
+        results.append(ONESHOT_HANDLERS.get(name)(model, PruningConfig(pruners=tuple(pruners)), dataloader,
+                                                  loss_func, device))
+    return results[0] if len(results) == 1 else results
 
 
-__all__ = ["WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning", "CompressionManager",
-           "parse_auto_slim_config", "model_slim"]
+__all__ = ["ONESHOT_HANDLERS", "WeightPruningConfig", "Pruning", "prepare_compression", "prepare_pruning",
+           "prune_wanda", "CompressionManager", "parse_auto_slim_config", "model_slim"]

@@ -283,3 +283,14 @@ class PrunedLayer:
             schedule.pop(self.buffer, None)
         if not patterns:
             set_owner(self.module, None)
+
+
+def drop_masks(module: nn.Module) -> None:
+    """Remove every prunekit mask buffer under ``module`` (the zeros stay in the weights)."""
+    for sub in module.modules():
+        for buffer in [b for b in sub._buffers if b.endswith(MASK_SUFFIX)]:
+            del sub._buffers[buffer]
+        if hasattr(sub, _PATTERN_ATTR):
+            setattr(sub, _PATTERN_ATTR, {})
+        sub.__dict__.pop(_SCHEDULE_ATTR, None)
+        set_owner(sub, None)

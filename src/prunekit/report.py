@@ -38,6 +38,19 @@ class SparsityReport:
     all_params_sparsity: float = 0.0
     pruned_zeros: int = 0
     pruned_numel: int = 0
+    linear_conv_zeros: int = 0
+    linear_conv_numel: int = 0
+    all_zeros: int = 0
+    all_numel: int = 0
+
+    @classmethod
+    def merge(cls, parts: "list[SparsityReport]") -> "SparsityReport":
+        """One report over disjoint parts of a model (e.g. measured block by block while streaming)."""
+        rows = [r for p in parts for r in p.layers]
+        pz, pn = sum(p.pruned_zeros for p in parts), sum(p.pruned_numel for p in parts)
+        lz, ln = sum(p.linear_conv_zeros for p in parts), sum(p.linear_conv_numel for p in parts)
+        az, an = sum(p.all_zeros for p in parts), sum(p.all_numel for p in parts)
+        return cls(rows, pz / max(1, pn), lz / max(1, ln), az / max(1, an), pz, pn, lz, ln, az, an)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,17 +80,20 @@ def _zeros(t: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, pruning: "Pruning | None" = None) -> SparsityReport:
+def sparsity_report(model: nn.Module, pruning: "Pruning | None" = None, prefix: str = "") -> SparsityReport:
     """Measure ``model``'s sparsity. Pruned weights are found from their mask buffers; with ``pruning``,
-    layers its patterns had to leave dense are listed too, with the reason."""
+    layers its patterns had to leave dense are listed too, with the reason. ``prefix`` goes before every layer
+    name (a submodule measured on its own). Tensors on the meta device (not materialised) are left out."""
     rows: list[LayerRow] = []
     pruned_zeros = pruned_numel = lc_zeros = lc_numel = 0
     units = {}
     if pruning is not None:
         units = {l.name: l for l in pruning.layers}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         for param_name, spec in pruned_params(module).items():
             weight = getattr(module, param_name)
+            if weight.is_meta:
+                continue
             zeros = _zeros(weight)
             layer = units.get(name)
             block = None
@@ -90,10 +106,10 @@ def sparsity_report(model: nn.Module, pruning: "Pruning | None" = None) -> Spars
                                  list(weight.shape), spec, zeros / weight.numel(), block))
             pruned_zeros += zeros
             pruned_numel += weight.numel()
-        if layout_of(module) is not None:
+        if layout_of(module) is not None and not module.weight.is_meta:
             lc_zeros += _zeros(module.weight)
             lc_numel += module.weight.numel()
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
         head_mask = module._buffers.get(HEAD_MASK) if hasattr(module, "_buffers") else None
         if head_mask is None:
             continue
@@ -113,7 +129,9 @@ def sparsity_report(model: nn.Module, pruning: "Pruning | None" = None) -> Spars
                 weight = model.get_submodule(name).weight
                 rows.append(LayerRow(name, list(weight.shape), pruner.pattern.spec,
                                      _zeros(weight) / weight.numel(), None, reason))
-    all_zeros = sum(_zeros(p) for p in model.parameters())
-    all_numel = sum(p.numel() for p in model.parameters())
+    params = [p for p in model.parameters() if not p.is_meta]
+    all_zeros = sum(_zeros(p) for p in params)
+    all_numel = sum(p.numel() for p in params)
     return SparsityReport(rows, pruned_zeros / max(1, pruned_numel), lc_zeros / max(1, lc_numel),
-                          all_zeros / max(1, all_numel), pruned_zeros, pruned_numel)
+                          all_zeros / max(1, all_numel), pruned_zeros, pruned_numel, lc_zeros, lc_numel,
+                          all_zeros, all_numel)

@@ -58,7 +58,7 @@ def output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
-def _names_head(op_names: Sequence[str], head: str) -> bool:
+def names_head(op_names: Sequence[str], head: str) -> bool:
     """An op_names entry names the head when, without anchors, it equals its full name or last component."""
     short = head.rsplit(".", 1)[-1]
     return any(p.strip("^$") in (head, short) for p in op_names)
@@ -89,7 +89,7 @@ def select(model: nn.Module, op_names: Sequence[str], excluded_op_names: Sequenc
             continue
         if any(r.search(cand.name) for r in exclude):
             continue
-        if cand.name in heads and not _names_head(op_names, cand.name):
+        if cand.name in heads and not names_head(op_names, cand.name):
             continue
         chosen.append(cand)
     if not chosen:

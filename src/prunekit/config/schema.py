@@ -14,7 +14,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -56,18 +56,19 @@ def _criteria() -> Any:
     return CRITERIA
 
 
-#: the original's pruner types that are not part of prunekit, and what to say about them
+#: the original's names that are not pruning types here, and where that job lives
 _NOT_CARRIED_OVER = {
-    name: "the original's dataloader-driven post-training pruners (sparse_gpt, retrain_free, wanda) are not part "
-          "of this release"
-    for name in ("sparse_gpt", "sparsegpt", "retrain_free", "wanda")
+    "wanda": "the original's Wanda is a function: prunekit.compat.prune_wanda(model, dataloader, ...) or "
+             "prunekit.oneshot(model, calibration, {'method': 'wanda'})",
 }
+#: pruning types that run once over calibration data, so they have no progressive (step by step) form
+_ONE_PASS = (PATTERN_LOCK, "sparse_gpt", "retrain_free")
 
 
 def _pruning_types() -> list[str]:
     """Every valid ``pruning_type``: each registered criterion, and its progressive form (not pattern_lock)."""
     names = list(_criteria())
-    return names + [n + PROGRESSIVE_SUFFIX for n in names if n != PATTERN_LOCK]
+    return names + [n + PROGRESSIVE_SUFFIX for n in names if n not in _ONE_PASS]
 
 
 def _pruning_type_allowed() -> str:
@@ -92,13 +93,13 @@ def _literal_args(annotation: Any) -> list[Any]:
 
 
 def _allowed(model: type[BaseModel], key: str) -> str:
-    """Human description of what ``key`` accepts."""
+    """Human description of what ``key`` accepts (the model's ``ALLOWED`` table, else its Literal options)."""
     options = _literal_options(model, key)
     if options:
         return "allowed: " + ", ".join(repr(o) for o in options)
     if key == "pruning_type":
         return _pruning_type_allowed()
-    return _ALLOWED.get(key, "see the prunekit configuration reference")
+    return getattr(model, "ALLOWED", _ALLOWED).get(key, "see the prunekit configuration reference")
 
 
 def _config_error_from(exc: ValidationError, model: type[BaseModel]) -> ConfigError:
@@ -108,8 +109,9 @@ def _config_error_from(exc: ValidationError, model: type[BaseModel]) -> ConfigEr
     if isinstance(original, ConfigError):
         return original
     loc = [p for p in err["loc"] if isinstance(p, str)]
-    if loc and loc[0] == "pruners" and len(loc) > 1:
-        model, loc = PrunerConfig, loc[1:]
+    nested = getattr(model, "NESTED", {})
+    if loc and loc[0] in nested and len(loc) > 1:  # an error inside a sub-config names the sub-config's key
+        model, loc = nested[loc[0]], loc[1:]
     key = loc[-1] if loc else model.__name__
     value = err.get("input")
     if err["type"] == "extra_forbidden":
@@ -136,26 +138,43 @@ def with_location(err: ConfigError, where: str) -> ConfigError:
     return ConfigError(err.key, err.value, err.allowed, hint)
 
 
-def _check_unit_interval(key: str, value: float) -> float:
+def check_unit_interval(key: str, value: float, allowed: str | None = None) -> float:
     """Sparsities live in [0, 1): 1.0 would remove a layer entirely."""
     if not 0.0 <= value < 1.0:
-        raise ConfigError(key, value, _ALLOWED[key])
+        raise ConfigError(key, value, allowed or _ALLOWED[key])
     return value
 
 
-def _as_tuple(key: str, value: Any) -> Any:
+def as_tuple(key: str, value: Any, allowed: str | None = None) -> Any:
     """Accept one string or any list/tuple of strings; store an immutable tuple."""
     if isinstance(value, str):
         return (value,)
     if isinstance(value, (list, tuple)):
         return tuple(value)
-    raise ConfigError(key, value, _ALLOWED[key])
+    raise ConfigError(key, value, allowed or _ALLOWED[key])
 
 
-class _Frozen(BaseModel):
-    """Base: unknown keys rejected, instances immutable, and errors raised as ConfigError."""
+def check_regexes(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Every entry must compile as a Python regular expression."""
+    for regex in value:
+        try:
+            re.compile(regex)
+        except (re.error, TypeError) as err:
+            raise ConfigError(key, regex, "allowed: valid Python regular expressions",
+                              f"re.error: {err}") from None
+    return value
+
+
+class FrozenConfig(BaseModel):
+    """Base of every typed prunekit config: unknown keys rejected, instances immutable, errors as ConfigError.
+
+    A subclass may set ``ALLOWED`` (key -> "allowed: ..." text for error messages) and ``NESTED``
+    (field -> the config class of its items, so an error inside names the inner key).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    ALLOWED: ClassVar[dict[str, str]] = _ALLOWED
+    NESTED: ClassVar[dict[str, type[BaseModel]]] = {}
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -180,7 +199,7 @@ class _Frozen(BaseModel):
             raise _config_error_from(exc, cls) from None
 
 
-class PrunerConfig(_Frozen):
+class PrunerConfig(FrozenConfig):
     """One pruner, fully resolved (the original's 2.x keys and defaults).
 
     Build it directly, with :meth:`build`, or through the loaders of :class:`PruningConfig`. ``pattern`` is
@@ -254,7 +273,7 @@ class PrunerConfig(_Frozen):
     @field_validator("target_sparsity", "min_sparsity_ratio_per_op", "max_sparsity_ratio_per_op")
     @classmethod
     def _unit_interval(cls, value: float, info: Any) -> float:
-        return _check_unit_interval(info.field_name, value)
+        return check_unit_interval(info.field_name, value)
 
     @field_validator("reg_coeff")
     @classmethod
@@ -286,9 +305,9 @@ class PrunerConfig(_Frozen):
             close = nearest(value, _pruning_types())
             hint = _NOT_CARRIED_OVER.get(base) or (f"did you mean {close!r}?" if close else None)
             raise ConfigError("pruning_type", value, _pruning_type_allowed(), hint)
-        if base == PATTERN_LOCK and base != value:
+        if base in _ONE_PASS and base != value:
             raise ConfigError("pruning_type", value, _pruning_type_allowed(),
-                              "pattern_lock keeps an existing pattern and has no progressive form")
+                              f"{base} has no progressive form (it prunes in one pass)")
         return value
 
     @field_validator("pattern", mode="before")
@@ -308,18 +327,12 @@ class PrunerConfig(_Frozen):
     @field_validator("op_names", "excluded_op_names", "pruning_op_types", mode="before")
     @classmethod
     def _listify(cls, value: Any, info: Any) -> Any:
-        return _as_tuple(info.field_name, value)
+        return as_tuple(info.field_name, value)
 
     @field_validator("op_names", "excluded_op_names")
     @classmethod
     def _compilable_regexes(cls, value: tuple[str, ...], info: Any) -> tuple[str, ...]:
-        for regex in value:
-            try:
-                re.compile(regex)
-            except re.error as err:
-                raise ConfigError(info.field_name, regex, "allowed: valid Python regular expressions",
-                                  f"re.error: {err}") from None
-        return value
+        return check_regexes(info.field_name, value)
 
     @field_validator("pruning_op_types")
     @classmethod
@@ -363,8 +376,10 @@ class PrunerConfig(_Frozen):
             self.__dict__["max_sparsity_ratio_per_op"] = maximum
 
 
-class PruningConfig(_Frozen):
+class PruningConfig(FrozenConfig):
     """The pruners one ``Pruning`` object runs (at least one)."""
+
+    NESTED: ClassVar[dict[str, type[BaseModel]]] = {"pruners": PrunerConfig}
 
     pruners: tuple[PrunerConfig, ...]
 

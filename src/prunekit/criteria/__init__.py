@@ -64,5 +64,25 @@ class PatternLock(Criterion):
 
 CRITERIA.register("block_mask")(BlockMask)  # the original's learnable block mask, see criteria/block_mask.py
 
-__all__ = ["CRITERIA", "Criterion", "GradientCriterion", "Magnitude", "Gradient", "Snip", "SnipMomentum",
-           "PatternLock", "BlockMask"]
+from prunekit.criteria.fisher import Fisher  # noqa: E402  (needs CRITERIA's base classes only)
+
+CRITERIA.register("retrain_free")(Fisher)
+
+
+@CRITERIA.register("sparse_gpt")
+class CalibrationOnly(Criterion):
+    """A pruning_type that runs once over calibration data (``prepare_pruning(..., dataloader=)``, prunekit.compat),
+    never step by step in a training loop; registered so configs naming it validate."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        from prunekit.errors import ConfigError
+
+        raise ConfigError("pruning_type", "sparse_gpt", "runs one-shot over calibration data: "
+                          "prunekit.compat.prepare_pruning(model, config, dataloader=...) or prunekit.oneshot(...)")
+
+    def layer_scores(self, layer) -> torch.Tensor:  # pragma: no cover - never constructed
+        raise RuntimeError("sparse_gpt does not rank units in training")
+
+
+__all__ = ["CRITERIA", "BlockMask", "CalibrationOnly", "Criterion", "Fisher", "Gradient", "GradientCriterion",
+           "Magnitude", "PatternLock", "Snip", "SnipMomentum"]

@@ -29,8 +29,11 @@ class MethodOptions:
     block_size: int = 128        # SparseGPT: columns per lazy-update block
     dampening: float = 0.01      # SparseGPT: fraction of mean(diag H) added to the diagonal
     dsnot: bool = False          # refine the mask with DSnoT (training-free prune-and-grow)
-    dsnot_cycles: int = 100
-    dsnot_threshold: float = 0.1
+    dsnot_cycles: int = 100      # DSnoT: at most this many swaps per row
+    # DSnoT: a row stops once |expected output shift| is below this; per-token units (the original's 0.1 summed
+    # over a sample's 2048 tokens, about 5e-5 per token)
+    dsnot_threshold: float = 5e-5
+    dsnot_var_power: float = 1.0  # DSnoT: growth score divides by Var[x]^power
     use_variant: bool = False    # Wanda's per-row cumulative-sum threshold variant
     seed: int = 0
 
@@ -50,6 +53,9 @@ class OneShotMethod(ABC):
     name: ClassVar[str]
     #: pattern kinds this method can produce (see :func:`pattern_kind`)
     patterns: ClassVar[tuple[str, ...]] = ("1x1", "N:M")
+    #: True for methods that need the whole model's gradients instead of one layer's inputs (retrain_free):
+    #: the caller runs them through their own entry point, never :meth:`prune` inside the layer pipeline
+    whole_model: ClassVar[bool] = False
 
     def stat_kinds(self, options: MethodOptions) -> tuple[str, ...]:
         """Which :class:`InputStats` kinds the method needs (given its options)."""
@@ -60,6 +66,13 @@ class OneShotMethod(ABC):
         if pattern_kind(pattern) not in self.patterns:
             raise ConfigError("pattern", pattern.spec,
                               f"allowed for method {self.name!r}: {', '.join(self.patterns)} (N:M as e.g. 2:4)")
+
+    def check_options(self, options: MethodOptions) -> None:
+        """Raise ConfigError naming the option if this method cannot run with ``options`` (before any work)."""
+        if options.dsnot_cycles < 0:
+            raise ConfigError("dsnot_cycles", options.dsnot_cycles, "allowed: an integer >= 0")
+        if not options.dsnot_threshold >= 0:
+            raise ConfigError("dsnot_threshold", options.dsnot_threshold, "allowed: a number >= 0")
 
     @abstractmethod
     def prune(self, weight: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern,
