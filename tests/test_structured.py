@@ -330,3 +330,20 @@ def test_smollm2_end_to_end_small_budget(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5 and model.config.intermediate_size == 1024
+
+
+def test_prunekit_oneshot_structured_is_the_structured_command(tmp_path, capsys):
+    # `prunekit oneshot --structured` reaches this command (its --method means an importance score, not sparsegpt)
+    from prunekit.cli import main
+
+    model, text = _tiny_checkout(tmp_path)
+    out = tmp_path / "out"
+    assert main(["oneshot", "--structured", "--model", str(model), "--calibration", str(text), "--nsamples", "4",
+                 "--seqlen", "32", "--output", str(out), "--device", "cpu", "--ffn-sparsity", "0.33",
+                 "--method", "wanda-sp"]) == 0
+    assert json.loads((out / "structured_report.json").read_text())["ffn_widths"] == [64, 64, 64]
+    capsys.readouterr()
+    assert main(["oneshot", "--structured", "--model", str(tmp_path / "missing"), "--calibration", str(text),
+                 "--output", str(tmp_path / "out2"), "--ffn-sparsity", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prunekit oneshot --structured: error: model:") and len(err.splitlines()) == 1

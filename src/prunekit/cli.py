@@ -86,11 +86,24 @@ def squad_main(argv: Sequence[str] | None = None) -> int:
     return _run("prunekit-squad", squad_parser, "squad", argv)
 
 
+def structured_main(argv: Sequence[str]) -> int:
+    """``prunekit oneshot --structured``: remove FFN channels, heads and layers physically (issue: real speed)."""
+    import argparse
+
+    from prunekit.oneshot.structured.cli import add_structured_arguments, run_structured
+
+    parser = argparse.ArgumentParser(prog="prunekit oneshot --structured",
+                                     description="Structured one-shot pruning of a decoder LLM: whole FFN "
+                                     "channels, attention heads and layers removed, widths slimmed.")
+    return run_structured(add_structured_arguments(parser).parse_args(list(argv)))
+
+
 USAGE = """usage: prunekit {glue,squad,oneshot} [flags]
 
   glue     fine-tune / prune / distil a sequence classifier on a GLUE task (same as prunekit-glue)
   squad    fine-tune / prune / distil an extractive QA model on SQuAD v1.1 (same as prunekit-squad)
-  oneshot  prune a decoder LLM in one shot from calibration text (SparseGPT, Wanda, magnitude)
+  oneshot  prune a decoder LLM in one shot from calibration text (SparseGPT, Wanda, magnitude);
+           with --structured, remove FFN channels, heads and layers physically (faster models)
 
 'prunekit glue --help' lists the flags."""
 
@@ -110,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prunekit.recipes.args import squad_parser
 
         return _run("prunekit squad", squad_parser, "squad", rest)
+    if command == "oneshot" and "--structured" in rest:
+        return structured_main(rest)
     if command == "oneshot":
         return _run("prunekit oneshot", _oneshot_parser, "oneshot", rest)
     if command in {"--version", "version"}:

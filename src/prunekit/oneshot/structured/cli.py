@@ -177,6 +177,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if output.exists():
         raise ConfigError("output", str(output), "allowed: a directory that does not exist yet (nothing is "
                           "overwritten)")
+    from prunekit.oneshot.checkpoint import resolve_model_dir
+
+    args.model = str(resolve_model_dir(args.model))  # a missing dir or unreachable hub id: one line, no traceback
     config = transformers.AutoConfig.from_pretrained(args.model)
     early = model_shape_from_config(config)
     if early is not None:
