@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     import torch
+    import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_prune = time.perf_counter()
 
     out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     # oneshot wraps model.save_pretrained with a compressed-tensors writer; call the class's own method instead
     type(model).save_pretrained(model, tmp)
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tool": "llm-compressor",
         "version": llmcompressor.__version__,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "method": args.method,
         "pattern": args.pattern,
         "mask_structure": PATTERNS[args.pattern],
