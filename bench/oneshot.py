@@ -2,9 +2,8 @@
 
 Same model, same calibration windows, same evaluator. For each cell (method x pattern) the two tools run as
 separate processes, interleaved (prunekit, then the peer) so both see the same load on the machine; each
-process's whole wall time and peak RSS (``os.wait4`` rusage of that child, what GNU ``time -v`` reports) are
-measured from outside, and every pruned model is then reloaded with plain transformers and scored here by
-bench/llm_common.py: held-out perplexity, exact sparsity of every decoder Linear, the 2:4 check (every 4-group of
+process's whole wall time and peak RSS are measured from outside (GNU time, see run_measured), and every pruned
+model is then reloaded with plain transformers and scored here by bench/llm_common.py: held-out perplexity, exact sparsity of every decoder Linear, the 2:4 check (every 4-group of
 a row holds >= 2 zeros) and whether lm_head stayed as it was.
 
     bash bench/setup_peers.sh                                  # once: the peer venv /work/bench-venv
@@ -105,19 +104,48 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_measured(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` to completion; its wall time, peak RSS (MiB, from wait4) and exit code, output to ``log_path``."""
+    """Run ``cmd`` to completion; its wall time, peak RSS (MiB) and exit code, its output to ``log_path``.
+
+    Peak RSS comes from GNU time (``%M``) when /usr/bin/time exists: a child that this big Python process spawns
+    directly inherits the parent's high-water RSS at exec (Linux carries it over), so ``wait4`` on it would
+    report at least this process's own peak. GNU time is small and forks the command itself. Without it, the
+    child's RSS is polled every 50 ms (a lower bound).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log_path.with_suffix(".maxrss")
+    use_time = os.access(GNU_TIME, os.X_OK)
+    full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd] if use_time else list(cmd)
+    peak_kib = 0
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if use_time:
+            proc.wait()
+        else:
+            import psutil
+
+            child = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    peak_kib = max(peak_kib, child.memory_info().rss // 1024)
+                except psutil.Error:
+                    pass
+                time.sleep(0.05)
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen so it does not wait again
+    if use_time:
+        lines = rss_file.read_text().split() if rss_file.exists() else []
+        peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else 0
     text = log_path.read_text(errors="replace")
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
-            "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "record": last_json_line(text),
-            "log": str(log_path), "log_tail": None if proc.returncode == 0 else text[-2000:]}
+    if use_time and text.rstrip().splitlines()[-1:] and "exited with non-zero status" in text.rstrip().splitlines()[-1]:
+        text = "\n".join(text.rstrip().splitlines()[:-1])
+    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mib": peak_kib / 1024,
+            "rss_source": "GNU time %M" if use_time else "psutil poll 50 ms",
+            "record": last_json_line(text), "log": str(log_path),
+            "log_tail": None if proc.returncode == 0 else text[-2000:]}
 
 
 def tool_command(tool: str, cell: Cell, args: argparse.Namespace, calibration: Path, out: Path) -> list[str]:
@@ -264,9 +292,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--peer-python: got {args.peer_python!r}, which does not exist; run bash bench/setup_peers.sh "
                 "or pass --skip-peer")
     if not args.skip_prunekit:
-        import prunekit
+        from prunekit_oneshot_run import oneshot_function
 
-        if not callable(getattr(prunekit, "oneshot", None)):
+        if oneshot_function() is None:
             p.error("prunekit.oneshot is not in this venv's prunekit yet; pass --skip-prunekit")
     if args.output is None:
         args.output = str(Path("runs") / datetime.now(timezone.utc).strftime("oneshot-%Y%m%d-%H%M%S"))
@@ -298,45 +326,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not (tool == "prunekit" and args.skip_prunekit)
             and not (tool == "llm-compressor" and (args.skip_peer or not cell.peer))]
 
-    dense = evaluate(args.model, held, None)
     runs: list[dict[str, Any]] = []
+    dense: dict[str, Any] = {}
+
+    def write(final: bool) -> dict[str, Any]:
+        """results.json / results.md after every run, so an interrupted bench keeps what it measured."""
+        dense_ppl = dense.get("perplexity")
+        doc = {
+            "bench": "oneshot",
+            "complete": final,
+            "protocol": {"model": args.model, "text": "SQuAD v1.1 dev Wikipedia paragraphs; calibration articles "
+                         "1-38, held out 39-48, joined with a blank line", "nsamples": args.nsamples,
+                         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seed": args.seed,
+                         "dtype": "float32", "device": "cpu", "sparsity": args.sparsity,
+                         "block_size": args.block_size, "dampening": args.dampening, "threads": args.threads,
+                         "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()},
+            "machine": machine_info(),
+            "peer": next(({k: r["record"].get(k) for k in ("version", "torch", "transformers", "modifier",
+                                                             "pipeline", "sequential_targets")}
+                          for r in runs if r["tool"] == "llm-compressor" and r.get("record")), None),
+            "dense": {k: v for k, v in dense.items() if k != "per_layer"},
+            "ratios_prunekit_over_peer": compare(runs),
+            "runs": runs,
+        }
+        doc["plot"] = str(out / "perplexity.png") if final and plot(runs, dense_ppl, out / "perplexity.png") else None
+        (out / "results.json").write_text(json.dumps(doc, indent=1))
+        (out / "results.md").write_text(markdown_table(runs, dense_ppl) + "\n")
+        return doc
+
     bar = tqdm(plan, desc="runs", unit="run", file=sys.stderr)
     for cell, tool in bar:
         bar.set_postfix_str(f"{tool} {cell.name}")
         model_out = out / "models" / f"{tool}-{cell.slug}"
-        run = {"cell": cell.name, "tool": tool,
-               **run_measured(tool_command(tool, cell, args, calib_path, model_out), out / "logs" / f"{tool}-{cell.slug}.log", env)}
+        cmd = tool_command(tool, cell, args, calib_path, model_out)
+        run = {"cell": cell.name, "tool": tool, **run_measured(cmd, out / "logs" / f"{tool}-{cell.slug}.log", env)}
         if run["rc"] == 0:
             run.update(evaluate(model_out, held, cell))
             run["per_layer"] = run.pop("per_layer")  # keep the long dict last in the JSON
             if not args.keep_models:
                 shutil.rmtree(model_out)
         runs.append(run)
+        write(final=False)
         bar.write(f"{tool:15s} {cell.name:14s} rc={run['rc']} wall={run['wall_s']:.0f}s "
                   f"rss={run['peak_rss_mib']:.0f}MiB ppl={run.get('perplexity', float('nan')):.3f}")
-
-    table = markdown_table(runs, dense["perplexity"])
-    doc = {
-        "bench": "oneshot",
-        "protocol": {"model": args.model, "text": "SQuAD v1.1 dev Wikipedia paragraphs; calibration articles 1-38, "
-                     "held out 39-48, joined with a blank line", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                     "eval_windows": args.eval_windows, "seed": args.seed, "dtype": "float32", "device": "cpu",
-                     "sparsity": args.sparsity, "block_size": args.block_size, "dampening": args.dampening,
-                     "threads": args.threads, "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()},
-        "machine": machine_info(),
-        "peer": next(({k: r["record"].get(k) for k in ("version", "torch", "transformers", "modifier", "pipeline",
-                                                         "sequential_targets")}
-                      for r in runs if r["tool"] == "llm-compressor" and r.get("record")), None),
-        "dense": {k: v for k, v in dense.items() if k != "per_layer"},
-        "ratios_prunekit_over_peer": compare(runs),
-        "runs": runs,
-    }
-    doc["plot"] = str(out / "perplexity.png") if plot(runs, dense["perplexity"], out / "perplexity.png") else None
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
-    (out / "results.md").write_text(table + "\n")
+    dense.update(evaluate(args.model, held, None))  # last: the tools' runs come first on a busy machine
+    doc = write(final=True)
     print(json.dumps({k: v for k, v in doc.items() if k != "runs"} | {"runs": [
         {k: v for k, v in r.items() if k != "per_layer"} for r in runs]}, indent=1))
-    print(table)
+    print(markdown_table(runs, dense.get("perplexity")))
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 

@@ -31,6 +31,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def oneshot_function():
+    """``prunekit.oneshot``, whether the package exports the function or only its ``prunekit.oneshot`` module."""
+    import types
+
+    import prunekit
+
+    fn = getattr(prunekit, "oneshot", None)
+    if isinstance(fn, types.ModuleType):
+        fn = getattr(fn, "oneshot", None)
+    return fn if callable(fn) else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -44,7 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"method": args.method, "pattern": args.pattern, "target_sparsity": args.sparsity,
               "nsamples": nsamples, "seqlen": seqlen, "block_size": args.block_size,
               "dampening": args.dampening, "seed": args.seed}
-    report = prunekit.oneshot(args.model, calibration=windows, config=config, output_dir=args.output)
+    oneshot = oneshot_function()
+    if oneshot is None:
+        raise SystemExit("prunekit.oneshot is not available in this venv's prunekit")
+    report = oneshot(args.model, calibration=windows, config=config, output_dir=args.output)
     t_end = time.perf_counter()
     to_dict = getattr(report, "to_dict", None)
     record = {
