@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,19 +123,25 @@ def run_measured(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None 
     peak_kib = 0
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if use_time:
-            proc.wait()
-        else:
-            import psutil
+        # own process group: an interrupted bench stops the tool too, not only GNU time
+        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            if use_time:
+                proc.wait()
+            else:
+                import psutil
 
-            child = psutil.Process(proc.pid)
-            while proc.poll() is None:
-                try:
-                    peak_kib = max(peak_kib, child.memory_info().rss // 1024)
-                except psutil.Error:
-                    pass
-                time.sleep(0.05)
+                child = psutil.Process(proc.pid)
+                while proc.poll() is None:
+                    try:
+                        peak_kib = max(peak_kib, child.memory_info().rss // 1024)
+                    except psutil.Error:
+                        pass
+                    time.sleep(0.05)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
         wall = time.perf_counter() - start
     if use_time:
         lines = rss_file.read_text().split() if rss_file.exists() else []
@@ -305,6 +312,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # a killed bench takes its running tool along (run_measured stops the tool's process group)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _bench(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Prepare the windows, run and score every (cell, tool), write results; 0 if every run succeeded."""
     import transformers
     from tqdm import tqdm
     from transformers import AutoTokenizer

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,8 @@ def test_perplexity_is_exp_of_token_mean_nll(lc):
             return type("Out", (), {"logits": model(input_ids)})()
 
     windows = torch.randint(0, 11, (4, 6))
-    logits = model(windows)[:, :-1]
+    with torch.no_grad():
+        logits = model(windows)[:, :-1]
     expected = math.exp(float(nn.functional.cross_entropy(logits.reshape(-1, 11), windows[:, 1:].reshape(-1))))
     assert lc.perplexity(Wrap(), windows, batch_size=3) == pytest.approx(expected, rel=1e-5)
 
@@ -201,6 +203,34 @@ def test_run_measured_reports_the_childs_own_peak_rss(bench, tmp_path):
     assert out["rc"] == 0 and out["record"] == {"ok": 1} and out["peak_rss_mib"] > 300
     small = bench.run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "b.log")
     assert small["rc"] == 3 and small["peak_rss_mib"] < 300 and small["log_tail"] is not None
+
+
+def test_an_interrupted_run_stops_the_tool_too(bench, tmp_path):
+    import os
+    import signal
+
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+
+    def interrupt(*_):
+        if not pid_file.exists():  # the child is not up yet (slow machine): look again shortly
+            signal.alarm(1)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.alarm(1)
+        with pytest.raises(KeyboardInterrupt):
+            bench.run_measured([sys.executable, "-c", code], tmp_path / "c.log")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # gone (and reaped by GNU time), not left running
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
 
 
 def test_cells_and_bad_flags_fail_before_any_work(bench, tmp_path, capsys):
