@@ -219,7 +219,7 @@ def plot(runs: list[dict[str, Any]], dense_ppl: float | None, path: Path) -> boo
     except ImportError:
         return False
     cells = list(dict.fromkeys(r["cell"] for r in runs))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cells), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 + 1.6 * len(cells)), 4))
     width = 0.38
     for k, tool in enumerate(TOOLS):
         xs, ys = [], []
@@ -228,13 +228,15 @@ def plot(runs: list[dict[str, Any]], dense_ppl: float | None, path: Path) -> boo
             if r:
                 xs.append(i + (k - 0.5) * width)
                 ys.append(r["perplexity"])
-        bars = ax.bar(xs, ys, width, label=tool)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        if xs:  # a tool that ran nothing gets no legend entry
+            bars = ax.bar(xs, ys, width, label=tool, color=f"C{k}")
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="grey", linestyle="--", label=f"dense {dense_ppl:.1f}")
     ax.set_xticks(range(len(cells)), cells)
+    ax.set_xlim(-0.6, len(cells) - 0.4)
     ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_title("one-shot pruning, same calibration and evaluator")
+    ax.set_title("one-shot pruning: same calibration windows and evaluator", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
