@@ -25,6 +25,9 @@ def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[s
     parser = parser_factory(prog)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        from prunekit.recipes.common import require_recipe_modules
+
+        require_recipe_modules()  # transformers & co. come with the recipes extra: say so, not a traceback
         if runner_name == "glue":
             from prunekit.recipes.data import get_glue_task
             from prunekit.recipes.glue import run_glue as runner
@@ -38,6 +41,13 @@ def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[s
         if os.environ.get("PRUNEKIT_DEBUG"):
             raise
         return _fail(prog, exc)
+    except ModuleNotFoundError as exc:
+        from prunekit.recipes.common import RECIPES_EXTRA
+
+        if os.environ.get("PRUNEKIT_DEBUG") or not exc.name:
+            raise
+        return _fail(prog, RuntimeError(f"the package {exc.name!r} is not installed (the recipes need "
+                                        f"`{RECIPES_EXTRA}`)"))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,28 @@ class RecipeError(PrunekitError, ValueError):
     """A recipe cannot run with the given input. The message is one line and says how to fix it."""
 
 
+#: Packages of the ``recipes`` extra a run cannot start without (``datasets`` is needed for the hub only and
+#: says so itself; without matplotlib only the PNG is missing).
+RECIPE_MODULES = ("transformers", "safetensors")
+RECIPES_EXTRA = 'pip install "prunekit[recipes]"'
+
+
+def missing_module_error(name: str) -> RecipeError:
+    """The one-line error for a package of the recipes extra that is not installed."""
+    return RecipeError(f"the recipes need the {name!r} package, which is not installed: run `{RECIPES_EXTRA}`")
+
+
+def require_recipe_modules() -> None:
+    """Fail in one line, before anything else, when a package of the recipes extra is missing."""
+    for name in RECIPE_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a None entry in sys.modules, or a broken package
+            found = False
+        if not found:
+            raise missing_module_error(name)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map a recipe model argument to something ``from_pretrained`` accepts.
 

@@ -31,6 +31,11 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--output_dir: {str(out)!r} exists and is not a folder")
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())  # what mkdir would start from
+    if not parent.is_dir():
+        raise RecipeError(f"--output_dir: {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RecipeError(f"--output_dir: {str(out)!r} cannot be created: no write permission in {str(parent)!r}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         marker = next((name for name in RUN_FILES if (out / name).exists()), None)
         what = f"holds a previous run ({marker})" if marker else "is not empty"
