@@ -108,3 +108,35 @@ def test_without_the_recipes_extra(tmp_path):
     assert "\n" not in err and "Traceback" not in err, err
     assert "transformers" in err and 'pip install "prunekit[recipes]"' in err
     assert not out.exists()
+
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).digest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_dir_never_overlaps_the_model_it_reads(tmp_path, capsys, where):
+    """``--model_name_or_path runs/m --output_dir runs/m --overwrite_output_dir`` deleted the model's config.json
+    and model.safetensors before training. The real small BERT is copied, then must come out untouched."""
+    import shutil
+
+    model = tmp_path / "runs" / "m"
+    shutil.copytree(shared_model_dir(), model)
+    before = _digest(model)
+    out = {"same": model, "inside": model / "pruned", "contains": tmp_path / "runs"}[where]
+    err = one_line(capsys, glue_main(flags(model, DATA, out, "--overwrite_output_dir", "--do_prune",
+                                           "--max_train_samples", "8", "--max_eval_samples", "8")))
+    assert "--output_dir" in err and "--model_name_or_path" in err and str(model) in err
+    assert _digest(model) == before
+    assert not (model / "pruned").exists()
+
+
+def test_output_dir_never_overlaps_the_data_it_reads(tiny, tmp_path, capsys):
+    data = glue_data(tmp_path / "data", "sentence\tlabel\n" + GOOD_ROWS)
+    before = _digest(data)
+    err = one_line(capsys, glue_main(flags(tiny, data, data / "SST-2", "--overwrite_output_dir")))
+    assert "--data_dir" in err and "contains" not in err
+    assert _digest(data) == before

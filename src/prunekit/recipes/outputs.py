@@ -44,6 +44,32 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def check_outside_inputs(out: Path, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, lies inside or contains a local input of the run (``{flag: path}``).
+
+    The outputs (and ``--overwrite_output_dir``'s clean-up) would replace the very model, data or config the run
+    reads, and a crash midway would lose it: ``--model_name_or_path runs/m --output_dir runs/m`` deleted the model.
+    """
+    target = out.expanduser().resolve()
+    for flag, value in inputs.items():
+        if not value:
+            continue
+        source = Path(value).expanduser()
+        if not source.exists():  # a hub id, not a local path
+            continue
+        source = source.resolve()
+        if target == source:
+            relation = "is"
+        elif source in target.parents:
+            relation = "lies inside"
+        elif target in source.parents:
+            relation = "contains"
+        else:
+            continue
+        raise RecipeError(f"--output_dir: {str(out)!r} {relation} {flag} {str(value)!r}, which the run reads; "
+                          "writing there would replace or delete it: choose an --output_dir outside every input")
+
+
 def prepare_output_dir(out: Path, overwrite: bool) -> None:
     """Create the folder; with ``overwrite`` remove the previous run's own files so none is left stale."""
     out.mkdir(parents=True, exist_ok=True)

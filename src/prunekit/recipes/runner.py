@@ -124,11 +124,15 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     if args.distill_loss_weight > 0:
         teacher_path = resolve_model_path(args.teacher_model_name_or_path or args.model_name_or_path)
         check_model_source(teacher_path)
+    tok_path = resolve_model_path(args.tokenizer_name) if args.tokenizer_name else model_path
+    out_mod.check_outside_inputs(out_dir, {
+        "--model_name_or_path": model_path, "--tokenizer_name": tok_path, "--teacher_model_name_or_path": teacher_path,
+        "--data_dir": args.data_dir, "--pruning_config": args.pruning_config,
+        "--train_file": getattr(args, "train_file", None), "--validation_file": getattr(args, "validation_file", None)})
     set_seed(args.seed)
 
     from transformers import AutoTokenizer
 
-    tok_path = resolve_model_path(args.tokenizer_name) if args.tokenizer_name else model_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, use_fast=not args.use_slow_tokenizer,
                                                   trust_remote_code=args.trust_remote_code)
