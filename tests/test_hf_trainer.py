@@ -87,7 +87,7 @@ def test_checkpoint_holds_pruning_state_and_resume_continues(tiny, tmp_path, cap
     trainer.train()
     state_file = out / "checkpoint-6" / "pruning_state.pt"
     assert state_file.is_file()
-    saved = torch.load(state_file, weights_only=False)
+    saved = torch.load(state_file, weights_only=True)  # plain data: loads without unpickling code
     assert saved["global_step"] == 6
 
     callback = PruningCallback(CONFIG)

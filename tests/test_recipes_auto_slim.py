@@ -21,8 +21,19 @@ def _flags(model, out, *extra):
             "--learning_rate", "1e-3", *extra]
 
 
+def _base_checkpoint(folder):
+    """A tiny *base* BERT (``architectures: [BertModel]``), as real starting checkpoints often are: the recipe
+    adds the classifier, and its slimmed output must still load back as the classifier."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    classifier = make_tiny_bert(folder / "classifier")
+    AutoModelForSequenceClassification.from_pretrained(classifier).bert.save_pretrained(folder / "base")
+    AutoTokenizer.from_pretrained(classifier).save_pretrained(folder / "base")
+    return folder / "base"
+
+
 def test_auto_slim_prunes_slims_and_reports_latency(tmp_path):
-    tiny = make_tiny_bert(tmp_path / "bert")
+    tiny = _base_checkpoint(tmp_path)
     out = tmp_path / "slim"
     rc = glue_main(_flags(tiny, out, "--do_prune", "--auto_slim", "--ffn2_sparsity", "0.5", "--mha_sparsity",
                           "0.5", "--pruning_frequency", "2", "--cooldown_epochs", "0.5"))
@@ -37,6 +48,7 @@ def test_auto_slim_prunes_slims_and_reports_latency(tmp_path):
     from prunekit.slimming import load_slimmed
 
     model = load_slimmed(out)
+    assert type(model).__name__ == "BertForSequenceClassification"
     config = json.loads((tiny / "config.json").read_text())
     widths = [layer.intermediate.dense.out_features for layer in model.bert.encoder.layer]
     assert sum(widths) == round(0.5 * config["intermediate_size"] * config["num_hidden_layers"])

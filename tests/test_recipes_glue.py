@@ -64,7 +64,7 @@ def test_prune_with_distillation_reaches_target_and_reloads(dense_run, tmp_path)
     assert (steps["start_step"], steps["end_step"], steps["total_steps"]) == (16, 32, 48)
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report and (out / "pruning_state.pt").is_file()
-    state = torch.load(out / "pruning_state.pt", weights_only=False)
+    state = torch.load(out / "pruning_state.pt", weights_only=True)
     assert state["global_step"] == 48
 
     # plain transformers loads the output; predictions match the recipe's own final evaluation

@@ -63,3 +63,23 @@ def test_plain_module_round_trip(tmp_path) -> None:
     loaded = load_slimmed(tmp_path, model=Block())
     assert loaded.fc2.in_features == 17 and loaded.fc2.weight.shape == (8, 17)
     assert torch.allclose(loaded(x), expected, atol=1e-6)
+
+
+def test_classifier_made_from_a_base_checkpoint_loads_back(tmp_path) -> None:
+    """A classifier built from a base checkpoint inherits ``architectures: [BertModel]``; save_slimmed must record
+    the class it really is, or load_slimmed builds a BertModel and fails on the classifier's keys."""
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()
+    assert model.config.architectures == ["BertModel"]  # what the recipes start from
+    found = detect(model)
+    zero_channels(model, found.ffn[0], list(range(0, 32, 2)))
+    slim(model)
+    ids = torch.randint(0, 50, (2, 7))
+    expected = model(input_ids=ids).logits
+    save_slimmed(model, tmp_path / "slim")
+    loaded = load_slimmed(tmp_path / "slim")
+    assert type(loaded) is transformers.BertForSequenceClassification
+    assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-6)

@@ -25,6 +25,9 @@ def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[s
     parser = parser_factory(prog)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        from prunekit.recipes.common import require_recipe_modules
+
+        require_recipe_modules()  # transformers & co. come with an extra: say which, not a traceback
         runner = RUNNERS[runner_name]()
         runner(args)
     except (PrunekitError, FileNotFoundError) as exc:
@@ -32,6 +35,13 @@ def _run(prog: str, parser_factory: Callable, runner_name: str, argv: Sequence[s
         if os.environ.get("PRUNEKIT_DEBUG"):
             raise
         return _fail(prog, exc)
+    except ModuleNotFoundError as exc:
+        from prunekit.recipes.common import RECIPES_EXTRA
+
+        if os.environ.get("PRUNEKIT_DEBUG") or not exc.name:
+            raise
+        return _fail(prog, RuntimeError(f"the package {exc.name!r} is not installed (the recipes need "
+                                        f"`{RECIPES_EXTRA}`)"))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

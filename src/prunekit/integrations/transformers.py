@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from prunekit.safe_load import load_torch_file
+
 logger = logging.getLogger("prunekit")
 
 STATE_FILE = "pruning_state.pt"
@@ -92,7 +94,8 @@ class PruningCallback(TrainerCallback):
     def _resume(self, args, state) -> None:
         path = os.path.join(_checkpoint_dir(args, state), STATE_FILE)
         if os.path.isfile(path):
-            self.pruning.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            # weights_only: a planted checkpoint must not run code; prunekit's state is plain data
+            self.pruning.load_state_dict(load_torch_file(path, "pruning state"))
             logger.info("prunekit: resumed pruning state from %s (step %d)", path, self.pruning.global_step)
         elif self.pruning.global_step != state.global_step:
             logger.warning("prunekit: resuming at step %d without %s; the schedule continues from there but "

@@ -86,8 +86,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     k.add_argument("--teacher_model_name_or_path", default=None, help="default: the starting checkpoint")
     k.add_argument("--distill_temperature", type=float, default=2.0, help="KL temperature (default 2)")
 
+    r = p.add_argument_group("checkpoints")
+    r.add_argument("--checkpointing_steps", default=None,
+                   help="write <output_dir>/checkpoint-<step> every N optimizer steps, or 'epoch' at the end of "
+                        "each epoch (model, optimizer, scheduler, pruning state, random generators, data position)")
+    r.add_argument("--resume_from_checkpoint", default=None, metavar="DIR|latest",
+                   help="continue exactly from a checkpoint folder, or 'latest': the newest one in --output_dir "
+                        "(same flags as the interrupted run)")
+
     c = p.add_argument_group("accepted for compatibility with the original scripts (no effect)")
-    for flag in ("--preprocessing_num_workers", "--report_to", "--checkpointing_steps", "--config_name"):
+    for flag in ("--preprocessing_num_workers", "--report_to", "--config_name"):
         c.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in ("--overwrite_cache", "--with_tracking"):
         c.add_argument(flag, action="store_true", help=argparse.SUPPRESS)

@@ -22,6 +22,28 @@ class RecipeError(PrunekitError, ValueError):
     """A recipe cannot run with the given input. The message is one line and says how to fix it."""
 
 
+#: Packages of the ``recipes`` extra a run cannot start without (``datasets`` is needed for the hub only and
+#: says so itself; without matplotlib only the PNG is missing).
+RECIPE_MODULES = ("transformers", "safetensors")
+RECIPES_EXTRA = 'pip install "prunekit[recipes]"'
+
+
+def missing_module_error(name: str) -> RecipeError:
+    """The one-line error for a package of the recipes extra that is not installed."""
+    return RecipeError(f"the recipes need the {name!r} package, which is not installed: run `{RECIPES_EXTRA}`")
+
+
+def require_recipe_modules() -> None:
+    """Fail in one line, before anything else, when a package of the recipes extra is missing."""
+    for name in RECIPE_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a None entry in sys.modules, or a broken package
+            found = False
+        if not found:
+            raise missing_module_error(name)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map a recipe model argument to something ``from_pretrained`` accepts.
 
@@ -65,6 +87,35 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The Python, NumPy, torch (and CUDA) generator states, as tensors and plain values only (so a checkpoint
+    holding them loads with ``weights_only=True``)."""
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def default_data_dir() -> str | None:

@@ -14,8 +14,10 @@ Every loader returns plain Python lists of dicts, so the recipes do not depend o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -122,9 +124,25 @@ def _load_hub(path: str, config: str | None, what: str, local_hint: str) -> Any:
 # GLUE
 
 
+def read_text(path: Path, what: str) -> str:
+    """The file as UTF-8 text (a BOM is dropped); a binary or otherwise encoded file is one line naming where."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise RecipeError(f"{what} {str(path)!r} is a binary file (NUL byte at offset {nul}); expected UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                          "expected UTF-8, optionally with a BOM: re-save it as UTF-8") from exc
+
+
 def _read_tsv(path: Path) -> list[list[str]]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text = read_text(path, "GLUE file")
+    return list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def _glue_folder(data_dir: str | os.PathLike, task: GlueTask) -> Path:
@@ -142,14 +160,30 @@ def _glue_folder(data_dir: str | os.PathLike, task: GlueTask) -> Path:
 
 
 def _parse_label(raw: str, task: GlueTask, path: Path, line: int) -> float | int:
+    """The label of one row; a value outside the task's classes fails here, naming the row (not later, as an
+    out-of-bounds target deep in the loss after the output folder exists)."""
     raw = raw.strip()
+    where = f"{path}:{line}: label {raw!r}"
     if task.is_regression:
-        return float(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise RecipeError(f"{where} is not a finite number (GLUE {task.folder} labels are similarity scores)")
+        return value
     if task.label_map:
         if raw not in task.label_map:
-            raise RecipeError(f"{path}:{line}: label {raw!r} is not one of {sorted(task.label_map)}")
+            raise RecipeError(f"{where} is not one of {sorted(task.label_map)} (GLUE {task.folder})")
         return task.label_map[raw]
-    return int(raw)
+    allowed = list(range(task.num_labels))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value not in allowed:
+        raise RecipeError(f"{where} is not one of {allowed} (GLUE {task.folder} has {task.num_labels} classes)")
+    return value
 
 
 def read_glue_tsv(path: str | os.PathLike, task: GlueTask) -> list[dict]:
@@ -176,15 +210,16 @@ def read_glue_tsv(path: str | os.PathLike, task: GlueTask) -> list[dict]:
     needed = max(i for i in (ia, ib, il) if i is not None)
     out, skipped = [], 0
     for offset, row in enumerate(body):
-        if len(row) <= needed:
+        if len(row) <= needed:  # too few columns: the known broken lines of the GLUE files (e.g. QQP)
             skipped += 1
             continue
-        try:
-            label = _parse_label(row[il], task, path, first_line + offset)
-        except ValueError:
-            skipped += 1
-            continue
+        label = _parse_label(row[il], task, path, first_line + offset)
         out.append({"text_a": row[ia], "text_b": row[ib] if ib is not None else None, "label": label})
+    if not out:
+        what = "only a header" if task.has_header and not body else \
+            f"no row with the {needed + 1} columns GLUE {task.folder} needs ({len(body)} rows)"
+        raise RecipeError(f"GLUE file {str(path)!r} holds no examples: {what}; expected tab-separated rows of "
+                          f"{task.tsv_keys[0]!r}, {task.tsv_keys[1]!r} and label {task.tsv_label!r}")
     if skipped:
         logger.warning("%s: skipped %d malformed rows", path, skipped)
     return out
@@ -195,9 +230,11 @@ def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None) -
     task = get_glue_task(task) if isinstance(task, str) else task
     if data_dir:
         folder = _glue_folder(data_dir, task)
-        logger.info("GLUE %s from %s", task.folder, folder)
-        return {"train": read_glue_tsv(folder / "train.tsv", task),
-                "validation": read_glue_tsv(folder / task.dev_file, task)}
+        splits = {"train": read_glue_tsv(folder / "train.tsv", task),
+                  "validation": read_glue_tsv(folder / task.dev_file, task)}
+        logger.info("GLUE %s from %s: %d train / %d dev examples", task.folder, folder, len(splits["train"]),
+                    len(splits["validation"]))  # after reading: a bad file's error is the only line printed
+        return splits
     ds = _load_hub("nyu-mll/glue", task.name, f"GLUE {task.name}",
                    f"DIR/{task.folder}/train.tsv and DIR/{task.folder}/{task.dev_file} in the GLUE TSV format")
     ka, kb = task.hub_keys
@@ -221,23 +258,27 @@ def read_squad_json(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"SQuAD file {str(path)!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-        articles = raw["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise RecipeError(f"{path} is not a SQuAD v1.1 JSON file ({type(exc).__name__}: {exc})") from exc
+    text = read_text(path, "SQuAD file")
     out = []
-    for article in articles:
-        title = article.get("title", "")
-        for para in article["paragraphs"]:
-            context = para["context"]
-            for qa in para["qas"]:
-                out.append({
-                    "id": qa["id"], "title": title, "context": context, "question": qa["question"],
-                    "answers": {"text": [a["text"] for a in qa["answers"]],
-                                "answer_start": [a["answer_start"] for a in qa["answers"]]},
-                })
+    try:
+        for article in json.loads(text)["data"]:
+            title = article.get("title", "")
+            for para in article["paragraphs"]:
+                context = para["context"]
+                for qa in para["qas"]:
+                    answers = {"text": [str(a["text"]) for a in qa["answers"]],
+                               "answer_start": [int(a["answer_start"]) for a in qa["answers"]]}
+                    if not isinstance(context, str) or not isinstance(qa["question"], str):
+                        raise TypeError(f"question {qa.get('id')!r}: context and question must be strings")
+                    out.append({"id": qa["id"], "title": title, "context": context, "question": qa["question"],
+                                "answers": answers})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        raise RecipeError(f"{path} is not a SQuAD v1.1 JSON file ({reason}); expected "
+                          '{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "answers"}]}]}]}'
+                          ) from exc
+    if not out:
+        raise RecipeError(f"SQuAD file {str(path)!r} holds no questions")
     return out
 
 

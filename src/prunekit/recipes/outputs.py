@@ -4,7 +4,8 @@
 * ``pruning_state.pt``: ``Pruning.state_dict()`` (masks, scores, step counter), for resuming or inspection;
 * ``metrics.json``: dense and final metrics, relative change, sparsity, step plan, times;
 * ``sparsity_report.json`` and ``sparsity_report.png`` (sparsity per layer; sparsity and loss over steps);
-* ``history.json`` (loss, learning rate and sparsity over steps), ``run_args.json`` and the log ``train.log``.
+* ``history.json`` (loss, learning rate and sparsity over steps), ``run_args.json`` and the log ``train.log``;
+* ``checkpoint-<step>/`` with ``--checkpointing_steps`` (see :mod:`prunekit.recipes.checkpoint`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,14 +27,55 @@ logger = logging.getLogger("prunekit.recipes")
 RUN_FILES = ("metrics.json", "pruning_state.pt", "sparsity_report.json", "sparsity_report.png", "history.json",
              "run_args.json", "train.log", "config.json", "model.safetensors")
 LOG_NAME = "train.log"
+#: What an interrupted run leaves beside its checkpoints; resuming into its folder finds (and keeps) them.
+INTERRUPTED_RUN_FILES = ("run_args.json", LOG_NAME)
+#: Written last into a checkpoint folder: a folder without it is an interrupted save, never resumed from.
+CHECKPOINT_STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_PARTIAL = re.compile(r"\.checkpoint-\d+\.(tmp|old)")
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a folder that is not empty unless ``overwrite``; nothing is written here."""
+def is_checkpoint(path: Path) -> bool:
+    """A complete checkpoint folder of a recipe run."""
+    return bool(_CHECKPOINT.fullmatch(path.name)) and (path / CHECKPOINT_STATE_FILE).is_file()
+
+
+def is_partial_checkpoint(path: Path) -> bool:
+    """What a checkpoint save that was interrupted leaves (``.checkpoint-<step>.tmp`` / ``.old``)."""
+    return bool(_PARTIAL.fullmatch(path.name)) and path.is_dir()
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The complete checkpoints in ``out``, lowest step first."""
+    found = [p for p in out.iterdir() if p.is_dir() and is_checkpoint(p)] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, resuming: bool = False) -> Path:
+    """Refuse a folder that is not empty unless ``overwrite``; nothing is written here.
+
+    ``resuming``: the folder may hold an interrupted run (checkpoints, ``run_args.json``, ``train.log``) without
+    ``overwrite``; a finished run's outputs still need it.
+    """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--output_dir: {str(out)!r} exists and is not a folder")
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())  # what mkdir would start from
+    if not parent.is_dir():
+        raise RecipeError(f"--output_dir: {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RecipeError(f"--output_dir: {str(out)!r} cannot be created: no write permission in {str(parent)!r}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
+        entries = list(out.iterdir())
+        others = [e for e in entries if not (is_checkpoint(e) or is_partial_checkpoint(e)
+                                             or e.name in INTERRUPTED_RUN_FILES)]
+        if resuming and not others:
+            return out  # the interrupted run's own folder
+        saved = checkpoint_dirs(out)
+        if saved and not others:
+            raise RecipeError(f"--output_dir: {str(out)!r} holds an interrupted run ({saved[-1].name}); pass "
+                              "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+                              "or choose another folder")
         marker = next((name for name in RUN_FILES if (out / name).exists()), None)
         what = f"holds a previous run ({marker})" if marker else "is not empty"
         raise RecipeError(f"--output_dir: {str(out)!r} {what}; pass --overwrite_output_dir to replace it, or choose "
@@ -39,14 +83,48 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Create the folder; with ``overwrite`` remove the previous run's own files so none is left stale."""
+def check_outside_inputs(out: Path, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, lies inside or contains a local input of the run (``{flag: path}``).
+
+    The outputs (and ``--overwrite_output_dir``'s clean-up) would replace the very model, data or config the run
+    reads, and a crash midway would lose it: ``--model_name_or_path runs/m --output_dir runs/m`` deleted the model.
+    """
+    target = out.expanduser().resolve()
+    for flag, value in inputs.items():
+        if not value:
+            continue
+        source = Path(value).expanduser()
+        if not source.exists():  # a hub id, not a local path
+            continue
+        source = source.resolve()
+        if target == source:
+            relation = "is"
+        elif source in target.parents:
+            relation = "lies inside"
+        elif target in source.parents:
+            relation = "contains"
+        else:
+            continue
+        raise RecipeError(f"--output_dir: {str(out)!r} {relation} {flag} {str(value)!r}, which the run reads; "
+                          "writing there would replace or delete it: choose an --output_dir outside every input")
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Create the folder; with ``overwrite`` remove the previous run's own files so none is left stale.
+
+    Without ``resuming`` that includes its checkpoint folders (so ``latest`` never picks one of them up);
+    resuming keeps every checkpoint and the interrupted run's log.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in RUN_FILES:
             target = out / name
-            if target.is_file():
+            if target.is_file() and not (resuming and name in INTERRUPTED_RUN_FILES):
                 target.unlink()
+        if not resuming:
+            for path in list(out.iterdir()):
+                if is_checkpoint(path) or is_partial_checkpoint(path):
+                    shutil.rmtree(path)
 
 
 class _Buffer(logging.Handler):
@@ -78,10 +156,11 @@ class RunLog:
             self.logger.addHandler(self.console)
         self.logger.addHandler(self.buffer)
 
-    def attach(self, out: Path) -> None:
+    def attach(self, out: Path, append: bool = False) -> None:
+        """Log into ``out/train.log`` from now on; ``append`` (a resumed run) keeps what the log already holds."""
         if not self.is_main:
             return
-        handler = logging.FileHandler(out / LOG_NAME, mode="w", encoding="utf-8")
+        handler = logging.FileHandler(out / LOG_NAME, mode="a" if append else "w", encoding="utf-8")
         handler.setFormatter(logging.Formatter(_FORMAT))
         for record in self.buffer.records:
             handler.handle(record)
@@ -97,18 +176,19 @@ class RunLog:
         self.logger.setLevel(self._old_level)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON values (non-finite floats become None, tensors numbers, other objects their repr)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (str, int, bool)) or value is None:
         return value
     if hasattr(value, "item"):
         try:
-            return _jsonable(value.item())
+            return jsonable(value.item())
         except Exception:  # noqa: BLE001
             pass
     if isinstance(value, os.PathLike):
@@ -117,7 +197,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def relative_change(dense: float | None, final: float | None) -> float | None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from prunekit.recipes import checkpoint as ckpt_mod
 from prunekit.recipes import outputs as out_mod
 from prunekit.recipes.common import RecipeError, check_model_source, default_data_dir, resolve_model_path, set_seed
 from prunekit.recipes import slimming as slim_step
@@ -70,6 +71,9 @@ def _check_values(args) -> None:
             raise RecipeError(f"--{flag}: got {value}; must be >= 1")
     if args.pruning_config and not Path(args.pruning_config).expanduser().is_file():
         raise RecipeError(f"--pruning_config: file {args.pruning_config!r} does not exist")
+    ckpt_mod.parse_every(args.checkpointing_steps)
+    if args.resume_from_checkpoint is not None and not args.resume_from_checkpoint.strip():
+        raise RecipeError("--resume_from_checkpoint: got ''; give a checkpoint-<step> folder or 'latest'")
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
         raise RecipeError(f"--data_dir: {args.data_dir!r} is not a folder")
     if args.do_prune and not args.max_train_steps and \
@@ -113,7 +117,13 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     _check_values(args)
-    out_dir = out_mod.check_output_dir(args.output_dir, args.overwrite_output_dir)
+    out_dir = out_mod.check_output_dir(args.output_dir, args.overwrite_output_dir,
+                                       resuming=bool(args.resume_from_checkpoint))
+    every = ckpt_mod.parse_every(args.checkpointing_steps)
+    resumed = None  # read (weights_only) and checked in full before anything is created
+    if args.resume_from_checkpoint:
+        resumed = ckpt_mod.read(ckpt_mod.resolve(args.resume_from_checkpoint, out_dir), env.rank)
+        ckpt_mod.check_identity(resumed, ckpt_mod.run_identity(args, env.world_size))  # flags: before any data
     slim_step.check_args(args)
     if args.do_prune and not args.auto_slim:
         build_pruning_config(args, _dry_plan())  # a pattern / target / key that cannot work fails now
@@ -124,11 +134,15 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     if args.distill_loss_weight > 0:
         teacher_path = resolve_model_path(args.teacher_model_name_or_path or args.model_name_or_path)
         check_model_source(teacher_path)
+    tok_path = resolve_model_path(args.tokenizer_name) if args.tokenizer_name else model_path
+    out_mod.check_outside_inputs(out_dir, {
+        "--model_name_or_path": model_path, "--tokenizer_name": tok_path, "--teacher_model_name_or_path": teacher_path,
+        "--data_dir": args.data_dir, "--pruning_config": args.pruning_config,
+        "--train_file": getattr(args, "train_file", None), "--validation_file": getattr(args, "validation_file", None)})
     set_seed(args.seed)
 
     from transformers import AutoTokenizer
 
-    tok_path = resolve_model_path(args.tokenizer_name) if args.tokenizer_name else model_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, use_fast=not args.use_slow_tokenizer,
                                                   trust_remote_code=args.trust_remote_code)
@@ -152,6 +166,10 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
     model = _load_model(task.model_class, model_path, args, env, **task.model_kwargs)
     if args.auto_slim:  # the structures come from the model's dataflow
         config = slim_step.auto_slim_config(args, plan, model)
+    identity = ckpt_mod.run_identity(args, env.world_size, task.name, plan.to_dict(),
+                                     describe(config) if config is not None else None)
+    if resumed is not None:
+        ckpt_mod.check_identity(resumed, identity)
     teacher = None
     if teacher_path is not None:
         teacher = _load_model(task.model_class, teacher_path, args, env, **task.model_kwargs)
@@ -173,7 +191,9 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
                                "distillation": None, "primary_metric": task.primary_metric}
     eval_time = 0.0
     dense_metrics = None
-    if args.do_prune and not args.skip_dense_eval:
+    if resumed is not None:  # the model is no longer the starting checkpoint: its metrics were saved
+        dense_metrics = resumed.state.get("dense_metrics")
+    elif args.do_prune and not args.skip_dense_eval:
         dense_metrics, dt = timed(task.evaluate, model, env)
         eval_time += dt
         logger.info("dense (starting checkpoint) %s", _fmt(dense_metrics))
@@ -187,6 +207,9 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
 
         pruning = prunekit.prepare_pruning(model, config, optimizer)
     scheduler = build_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, plan.total_steps)
+    if resumed is not None:
+        ckpt_mod.restore(resumed, model, optimizer, scheduler, pruning)
+        logger.info("resuming from %s (step %d of %d)", resumed.path, resumed.step, plan.total_steps)
     distill = teacher is not None
     ddp_model = wrap_ddp(model, env, find_unused_parameters=distill and task.distill_leaves_params_unused)
 
@@ -202,21 +225,27 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
 
     # Everything is checked: from here on the output folder is written.
     if env.is_main:
-        out_mod.prepare_output_dir(out_dir, args.overwrite_output_dir)
-        log.attach(out_dir)
+        out_mod.prepare_output_dir(out_dir, args.overwrite_output_dir, resuming=resumed is not None)
+        log.attach(out_dir, append=resumed is not None)
         out_mod.write_json(out_dir / "run_args.json", {
             "args": vars(args), "plan": plan.to_dict(),
+            "resumed_from": str(resumed.path) if resumed is not None else None,
             "pruning_config": describe(config) if config is not None else None,
             "versions": _versions(), "world_size": env.world_size, "device": str(env.device)})
     env.barrier()
 
     loader = train_dataloader(task.train_dataset, args.per_device_train_batch_size, task.train_collate, env,
                               args.seed)
+    checkpointer = None
+    if every is not None:
+        checkpointer = ckpt_mod.Checkpointer(out_dir, every, env, model, optimizer, scheduler, pruning, identity,
+                                             extra={"dense_metrics": dense_metrics})
     result = train_loop(ddp_model, loader, optimizer, compute_loss, total_steps=plan.total_steps, env=env,
                         lr_scheduler=scheduler, pruning=pruning,
                         gradient_accumulation_steps=args.gradient_accumulation_steps,
                         max_grad_norm=args.max_grad_norm, progress=not args.disable_tqdm,
-                        desc="prune" if pruning is not None else "fine-tune")
+                        desc="prune" if pruning is not None else "fine-tune",
+                        resume=ckpt_mod.position(resumed) if resumed is not None else None, on_step=checkpointer)
     logger.info("trained %d steps in %.1f s (%.1f samples/s)", result.global_step, result.train_time_s,
                 result.samples_per_s)
 
@@ -253,6 +282,10 @@ def _run(args, make_task, env: DistEnv, log: out_mod.RunLog, t_start: float) -> 
         "world_size": env.world_size,
         "device": str(env.device),
     })
+    if resumed is not None:
+        metrics["resumed_from"] = {"checkpoint": str(resumed.path), "step": resumed.step}
+    if checkpointer is not None:
+        metrics["checkpoints"] = [p.name for p in checkpointer.saved]
     if in_sync is not None:
         metrics["ddp_ranks_in_sync"] = in_sync
     if args.auto_slim:

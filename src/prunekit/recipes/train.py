@@ -8,6 +8,7 @@ through the very same code. It runs on one process or under ``torchrun`` / ``acc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -164,6 +165,38 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class ResumableSampler(Sampler[int]):
+    """The wrapped sampler, unchanged, except that its next pass can start ``n`` batches in: a resumed run
+    continues mid-epoch without loading and collating the batches it already trained on.
+
+    Batches are consecutive chunks of the sampler's order, so dropping ``n * batch_size`` indices leaves exactly
+    the batches that followed; the shuffling generator still draws the whole permutation, as without the skip.
+    """
+
+    def __init__(self, base: Sampler[int], batch_size: int):
+        self.base, self.batch_size, self._skip = base, batch_size, 0
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The generator that shuffles (single process); None under DDP, where the epoch number decides."""
+        return getattr(self.base, "generator", None)
+
+    def skip_batches(self, n: int) -> None:
+        """Start the next pass ``n`` batches in."""
+        self._skip = int(n)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        skip, self._skip = self._skip * self.batch_size, 0
+        return itertools.islice(iter(self.base), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 def train_dataloader(dataset: Dataset, batch_size: int, collate: Callable, env: DistEnv, seed: int) -> DataLoader:
     if env.distributed:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
@@ -172,7 +205,8 @@ def train_dataloader(dataset: Dataset, batch_size: int, collate: Callable, env: 
         gen = torch.Generator()
         gen.manual_seed(seed)
         sampler = torch.utils.data.RandomSampler(dataset, generator=gen)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(sampler, batch_size),
+                      collate_fn=collate)
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -195,6 +229,21 @@ class TrainResult:
         return self.samples_seen / self.train_time_s if self.train_time_s > 0 else 0.0
 
 
+@dataclass
+class LoopPosition:
+    """Where the loop stands after an optimizer step: with the modules' own states, all an exact resume needs."""
+
+    step: int
+    epoch: int  # the epoch the next batch comes from
+    batches_done: int  # batches of ``epoch`` already trained on (all of them when ``epoch_end``)
+    samples_seen: int
+    ema: float | None  # smoothed loss shown on the progress bar
+    history: list[dict]
+    sampler_state: torch.Tensor | None  # the shuffling generator's state at the start of ``epoch``
+    rng: dict | None = None  # prunekit.recipes.common.rng_state() right after the step
+    epoch_end: bool = False  # this step ended an epoch
+
+
 def _batch_size(batch: dict) -> int:
     for value in batch.values():
         if torch.is_tensor(value) and value.dim() > 0:
@@ -206,11 +255,15 @@ def train_loop(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opti
                compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor], *, total_steps: int, env: DistEnv,
                lr_scheduler=None, pruning=None, gradient_accumulation_steps: int = 1,
                max_grad_norm: float | None = None, log_every: int | None = None, progress: bool = True,
-               desc: str = "train") -> TrainResult:
+               desc: str = "train", resume: LoopPosition | None = None,
+               on_step: Callable[[LoopPosition], None] | None = None) -> TrainResult:
     """Train ``model`` (maybe DDP-wrapped) for ``total_steps`` optimizer steps.
 
     ``compute_loss(model, batch)`` returns the loss of one micro-batch (already on the device). ``pruning``
     (optional, hooked into ``optimizer`` already) is only read: for the sparsity shown and recorded.
+    ``resume`` continues from a position an earlier run reported (model, optimizer, scheduler and pruning
+    already restored by the caller): the data order and every random generator continue exactly.
+    ``on_step(position)`` is called after every optimizer step (the recipes write checkpoints from it).
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -220,33 +273,52 @@ def train_loop(model: torch.nn.Module, loader: DataLoader, optimizer: torch.opti
         return _train_loop(model, loader, optimizer, compute_loss, total_steps=total_steps, env=env,
                            lr_scheduler=lr_scheduler, pruning=pruning,
                            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-                           log_every=log_every, progress=progress, desc=desc)
+                           log_every=log_every, progress=progress, desc=desc, resume=resume, on_step=on_step)
 
 
 def _train_loop(model, loader, optimizer, compute_loss, *, total_steps, env, lr_scheduler, pruning,
-                gradient_accumulation_steps, max_grad_norm, log_every, progress, desc) -> TrainResult:
+                gradient_accumulation_steps, max_grad_norm, log_every, progress, desc, resume,
+                on_step) -> TrainResult:
     from tqdm.auto import tqdm
+
+    from prunekit.recipes.common import rng_state, set_rng_state
 
     accum = max(1, int(gradient_accumulation_steps))
     log_every = log_every or max(1, total_steps // 200)
     report_every = max(1, total_steps // 20)  # a line in the log (and train.log) about every 5 %
     result = TrainResult()
     model.train()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not (progress and env.is_main),
+    step, micro, epoch = 0, 0, 0
+    ema = None
+    if resume is not None:
+        step, epoch, ema = resume.step, resume.epoch, resume.ema
+        result.samples_seen, result.history = resume.samples_seen, list(resume.history)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
                dynamic_ncols=True, mininterval=1.0)
     sampler = getattr(loader, "sampler", None)
-    step, micro, epoch = 0, 0, 0
+    generator = getattr(sampler, "generator", None)
     running, running_n = 0.0, 0
-    ema = None
     sparsity = pruning.current_sparsity() if pruning is not None else 0.0
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     while step < total_steps:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        skip = 0
+        if resume is not None:
+            if generator is not None and resume.sampler_state is not None:
+                generator.set_state(resume.sampler_state)
+            skip = resume.batches_done
+            sampler.skip_batches(skip)
+        epoch_start_state = generator.get_state() if generator is not None else None
         batches = iter(loader)
+        if resume is not None:
+            # creating the iterator drew from the global generator, as it did before the checkpoint: now every
+            # generator continues from where the checkpoint left it
+            set_rng_state(resume.rng)
+            resume = None
         n_batches = len(loader)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(batches, start=skip):
             micro += 1
             last_of_epoch = i == n_batches - 1
             sync = micro % accum == 0 or last_of_epoch
@@ -287,6 +359,9 @@ def _train_loop(model, loader, optimizer, compute_loss, *, total_steps, env, lr_
                 logger.info("%s step %d/%d: loss %.4f, sparsity %.4f, lr %.3g, %.1f samples/s, %.0f s", desc, step,
                             total_steps, ema, sparsity, optimizer.param_groups[0]["lr"],
                             result.samples_seen / max(elapsed, 1e-9), elapsed)
+            if on_step is not None:
+                on_step(LoopPosition(step, epoch, i + 1, result.samples_seen, ema, result.history,
+                                     epoch_start_state, rng_state(), epoch_end=last_of_epoch))
             if step >= total_steps:
                 break
         epoch += 1

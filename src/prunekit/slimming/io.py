@@ -38,8 +38,9 @@ def save_slimmed(model: nn.Module, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
-        if not getattr(config, "architectures", None):
-            config.architectures = [type(model).__name__]
+        # the class it is, always: a classifier made from a base checkpoint still names the base class, and
+        # load_slimmed builds what this says (transformers' save_pretrained overwrites it the same way)
+        config.architectures = [type(model).__name__]
         config.save_pretrained(path)
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
