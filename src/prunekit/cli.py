@@ -58,10 +58,29 @@ def squad_main(argv: Sequence[str] | None = None) -> int:
     return _run("prunekit-squad", squad_parser, "squad", argv)
 
 
-USAGE = """usage: prunekit {glue,squad} [flags]
+def distill_main(argv: Sequence[str] | None = None, prog: str = "prunekit distill") -> int:
+    """``prunekit distill``: recover a pruned decoder LLM by distillation (prunekit.recipes.llm_distill)."""
+    from prunekit.errors import PrunekitError
+    from prunekit.recipes.llm_distill import config_from_args, distill_parser, run_distill
+
+    args = distill_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run_distill(config_from_args(args))
+    except (PrunekitError, FileNotFoundError) as exc:
+        if os.environ.get("PRUNEKIT_DEBUG"):
+            raise
+        return _fail(prog, exc)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+USAGE = """usage: prunekit {glue,squad,distill} [flags]
 
   glue    fine-tune / prune / distil a sequence classifier on a GLUE task (same as prunekit-glue)
   squad   fine-tune / prune / distil an extractive QA model on SQuAD v1.1 (same as prunekit-squad)
+  distill recover a pruned decoder LLM by distillation from its dense teacher
 
 'prunekit glue --help' lists the flags."""
 
@@ -81,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from prunekit.recipes.args import squad_parser
 
         return _run("prunekit squad", squad_parser, "squad", rest)
+    if command == "distill":
+        return distill_main(rest)
     if command in {"--version", "version"}:
         try:
             from importlib.metadata import version

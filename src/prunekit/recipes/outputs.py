@@ -78,10 +78,11 @@ class RunLog:
             self.logger.addHandler(self.console)
         self.logger.addHandler(self.buffer)
 
-    def attach(self, out: Path) -> None:
+    def attach(self, out: Path, append: bool = False) -> None:
+        """Write the log to ``out/train.log`` from now on; ``append`` keeps an earlier run's lines (resume)."""
         if not self.is_main:
             return
-        handler = logging.FileHandler(out / LOG_NAME, mode="w", encoding="utf-8")
+        handler = logging.FileHandler(out / LOG_NAME, mode="a" if append else "w", encoding="utf-8")
         handler.setFormatter(logging.Formatter(_FORMAT))
         for record in self.buffer.records:
             handler.handle(record)
