@@ -620,7 +620,7 @@ def _train(cfg, plan, student, teacher, optimizer, scheduler, progress, evaluate
                     logger.info("stopped after step %d as asked; checkpoint %s (continue with --resume)", done, path)
                     return {"stopped_at_step": done, "checkpoint": str(path)}
                 if ckpt_every and done % ckpt_every == 0 and done < total_steps:
-                    checkpoint()
+                    logger.info("step %d/%d: checkpoint %s", done, total_steps, checkpoint())
     except KeyboardInterrupt:
         if consistent and progress["step"] > 0:
             path = checkpoint()
