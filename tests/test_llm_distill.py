@@ -153,19 +153,33 @@ def test_per_layer_widths_are_saved_for_load_slimmed(world, tmp_path):
             assert torch.equal(value, trained[name]), name
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(world, tmp_path):
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(world, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     run_distill(_config(world, whole, checkpoint_every=1))
     parts = tmp_path / "parts"
     stopped = run_distill(_config(world, parts, stop_after_steps=1, windows="random"))
     assert stopped["stopped_at_step"] == 1
     assert not (parts / "model.safetensors").exists() and (parts / CHECKPOINT_DIR).is_dir()
-    # a changed trajectory flag is refused; then the run goes on from step 1, stops again, and finishes
+    # a changed trajectory flag is refused
     with pytest.raises(Exception, match="windows"):
         run_distill(_config(world, parts, resume=True))
-    assert run_distill(_config(world, parts, resume=True, windows="random", stop_after_steps=3))["stopped_at_step"] == 3
+    # Ctrl-C in the middle of step 3 (its first micro-batch is done): the checkpoint holds step 2
+    from prunekit.recipes import llm_distill
+
+    calls, real = [], llm_distill.causal_lm_distill_loss
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm_distill, "causal_lm_distill_loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(_config(world, parts, resume=True, windows="random"))
+    monkeypatch.setattr(llm_distill, "causal_lm_distill_loss", real)
     metrics = run_distill(_config(world, parts, resume=True, windows="random"))
-    assert metrics["resumed_at_steps"] == [1, 3]
+    assert metrics["resumed_at_steps"] == [1, 2]
     reference = tmp_path / "reference"
     run_distill(_config(world, reference, windows="random"))
     a, b = _weights(reference), _weights(parts)
@@ -252,6 +266,7 @@ def _other_vocab_teacher(world, root: Path, kind: str) -> Path:
     ("vocab_size", "--teacher: .*vocabulary \\(128 tokens\\).*100"),
     ("tokenizer", "--teacher: .*maps every token to the same id"),
     ("short_text", "--train-text: got '.* tokens'; allowed: text of at least seqlen = 32"),
+    ("short_eval", "--eval-text: got '.* tokens'; allowed: text of at least seqlen = 32"),
     ("missing_student", "--student: .*no such folder"),
     ("missing_train", "--train-text: .*no such file"),
     ("max_tokens", "--max-tokens: got 16; allowed: at least one window of --seqlen = 32"),
@@ -271,6 +286,10 @@ def test_bad_input_fails_in_one_line_before_any_work(world, tmp_path, capsys, ca
         short = tmp_path / "short.txt"
         short.write_text("the lazy dog.", encoding="utf-8")
         kw["train"] = short
+    elif case == "short_eval":
+        short = tmp_path / "short.txt"
+        short.write_text("the lazy dog.", encoding="utf-8")
+        extra = ["--eval-text", str(short)]
     elif case == "missing_student":
         kw["student"] = tmp_path / "nowhere"
     elif case == "missing_train":
