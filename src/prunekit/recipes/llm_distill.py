@@ -565,6 +565,7 @@ def _train(cfg, plan, student, teacher, optimizer, scheduler, progress, evaluate
     need_hidden = cfg.hidden_weight > 0
     tokens_total = cfg.total_windows * cfg.seqlen
     ema = progress["history"][-1]["loss_ema"] if progress["history"] else None
+    report_every = max(1, total_steps // 20)
 
     def checkpoint() -> Path:
         return _save_checkpoint(plan.out, student, optimizer, scheduler, progress, cfg, digest, device)
@@ -613,6 +614,9 @@ def _train(cfg, plan, student, teacher, optimizer, scheduler, progress, evaluate
                 bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}",
                                 **({"ppl": f"{last_ppl:.2f}"} if last_ppl is not None else {}), refresh=False)
                 done = progress["step"]
+                if done % report_every == 0 or done == total_steps:  # train.log shows progress without a bar
+                    logger.info("step %d/%d: loss %.4f (running %.4f), lr %.3g, %.1f tokens/s", done, total_steps,
+                                loss_sum, ema, lr, chunk.numel() / max(dt, 1e-9))
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
                     evaluate(done)
                 if cfg.stop_after_steps is not None and done >= cfg.stop_after_steps and done < total_steps:
