@@ -641,9 +641,11 @@ def _metrics(cfg, plan, progress, student, teacher, device, wall_s) -> dict:
     before = evals[0]["perplexity"] if evals and evals[0]["step"] == 0 else None
     after = evals[-1]["perplexity"] if evals else None
     teacher_ppl = progress["teacher_ppl"]
-    gap = None
+    gap = log_gap = None
     if None not in (before, after, teacher_ppl) and before != teacher_ppl:
         gap = (before - after) / (before - teacher_ppl)
+        # the same in log-perplexity (mean NLL): not dominated by a huge one-shot perplexity
+        log_gap = (math.log(before) - math.log(after)) / (math.log(before) - math.log(teacher_ppl))
     train_s = progress["train_time_s"]
     return {
         "student": cfg.student, "teacher": cfg.teacher,
@@ -651,7 +653,7 @@ def _metrics(cfg, plan, progress, student, teacher, device, wall_s) -> dict:
         "layers": {"student": plan.student_layers, "teacher": plan.teacher_layers,
                    "layer_map": list(plan.layer_map) if plan.layer_map else None},
         "perplexity": {"teacher": teacher_ppl, "student_before": before, "student_after": after,
-                       "gap_closed": gap, "eval_windows": None if plan.eval_windows is None
+                       "gap_closed": gap, "log_gap_closed": log_gap, "eval_windows": None if plan.eval_windows is None
                        else list(plan.eval_windows.shape)},
         "loss": {"first": progress["history"][0]["loss"] if progress["history"] else None,
                  "last": progress["history"][-1]["loss"] if progress["history"] else None},
@@ -672,7 +674,8 @@ def results_table(metrics: dict) -> str:
             ("student after", metrics["parameters"]["student"], ppl["student_after"])]
     lines = [f"{'model':<16} {'parameters':>12} {'perplexity':>11}"]
     lines += [f"{name:<16} {params:>12,} {fmt(value):>11}" for name, params, value in rows]
-    lines.append(f"gap closed: {fmt(ppl['gap_closed'], '.1%')}; {metrics['tokens']:,} tokens in "
+    lines.append(f"gap closed: {fmt(ppl['gap_closed'], '.1%')} (in log-perplexity "
+                 f"{fmt(ppl.get('log_gap_closed'), '.1%')}); {metrics['tokens']:,} tokens in "
                  f"{metrics['steps']} steps, {fmt(metrics['time']['tokens_per_s'], '.1f')} tokens/s")
     return "\n".join(lines)
 
