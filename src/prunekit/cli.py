@@ -108,12 +108,31 @@ def structured_main(argv: Sequence[str]) -> int:
     return run_structured(add_structured_arguments(parser).parse_args(list(argv)))
 
 
-USAGE = """usage: prunekit {glue,squad,oneshot} [flags]
+def distill_main(argv: Sequence[str] | None = None, prog: str = "prunekit distill") -> int:
+    """``prunekit distill``: recover a pruned decoder LLM by distillation (prunekit.recipes.llm_distill)."""
+    from prunekit.errors import PrunekitError
+    from prunekit.recipes.llm_distill import config_from_args, distill_parser, run_distill
+
+    args = distill_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run_distill(config_from_args(args))
+    except (PrunekitError, FileNotFoundError) as exc:
+        if os.environ.get("PRUNEKIT_DEBUG"):
+            raise
+        return _fail(prog, exc)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+USAGE = """usage: prunekit {glue,squad,oneshot,distill} [flags]
 
   glue     fine-tune / prune / distil a sequence classifier on a GLUE task (same as prunekit-glue)
   squad    fine-tune / prune / distil an extractive QA model on SQuAD v1.1 (same as prunekit-squad)
   oneshot  prune a decoder LLM in one shot from calibration text (SparseGPT, Wanda, magnitude);
            with --structured, remove FFN channels, heads and layers physically (faster models)
+  distill  recover a pruned decoder LLM by distillation from its dense teacher
 
 'prunekit glue --help' lists the flags."""
 
@@ -137,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return structured_main(rest)
     if command == "oneshot":
         return _run("prunekit oneshot", _oneshot_parser, "oneshot", rest)
+    if command == "distill":
+        return distill_main(rest)
     if command in {"--version", "version"}:
         try:
             from importlib.metadata import version
@@ -145,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:  # noqa: BLE001
             print("unknown")
         return 0
-    print(f"prunekit: error: unknown command {command!r}; choose glue, squad or oneshot (see prunekit --help)",
+    print(f"prunekit: error: unknown command {command!r}; choose glue, squad, oneshot or distill (see prunekit --help)",
           file=sys.stderr)
     return EXIT_USAGE
 

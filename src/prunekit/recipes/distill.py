@@ -12,6 +12,10 @@ As in the original recipes the distillation loss *replaces* the task loss (it is
   regression tasks (STS-B) use ``w * MSE`` on the scores instead.
 * SQuAD: ``(w/2) * KL_T(start) + (w/2) * KL_T(end)`` with T = 2, each ``KL`` batch-mean and multiplied by ``T^2``.
   Padding positions are masked out of both distributions.
+* Causal LMs (``prunekit distill``, :mod:`prunekit.recipes.llm_distill`): ``KL_T`` of the next-token logits, a
+  mean over every token, plus ``w_h * mean_i MSE(student layer i, teacher layer map[i])`` over the decoder
+  layers' outputs when ``w_h > 0``. A student with fewer layers than its teacher matches layer ``i`` (0-based) to
+  teacher layer ``round((i + 1) * L_t / L_s) - 1``, so the last layers always meet (:func:`uniform_layer_map`).
 """
 from __future__ import annotations
 
@@ -67,3 +71,37 @@ def qa_distill_loss(student_out, teacher_out, attention_mask: torch.Tensor | Non
     start = kl_with_temperature(masked(student_out.start_logits), masked(teacher_out.start_logits), temperature)
     end = kl_with_temperature(masked(student_out.end_logits), masked(teacher_out.end_logits), temperature)
     return weight / 2 * start + weight / 2 * end
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
+    """Teacher layer (0-based) whose output student layer ``i`` is matched to: ``round((i+1)·L_t/L_s) − 1``.
+
+    Equal depths give the identity; a shallower student spreads its layers evenly over the teacher's and its
+    last layer meets the teacher's last (whose hidden state both models normalise the same way).
+    """
+    if student_layers < 1 or teacher_layers < 1:
+        raise ValueError(f"layer counts must be >= 1; got student {student_layers}, teacher {teacher_layers}")
+    return tuple(max(0, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers))
+
+
+def causal_lm_distill_loss(student_out, teacher_out, temperature: float = 1.0, hidden_weight: float = 0.0,
+                           layer_map: tuple[int, ...] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``KL_T`` of the logits (mean over every token) ``+ hidden_weight · mean MSE`` of the matched layers.
+
+    ``student_out`` / ``teacher_out`` are causal-LM outputs (``logits`` ``[batch, seq, vocab]``; with
+    ``hidden_weight > 0`` also ``hidden_states`` from ``output_hidden_states=True``: the embeddings, then one
+    entry per decoder layer). ``layer_map[i]`` is the teacher layer student layer ``i`` is matched to. Returns
+    the loss and its parts as floats (``kl``, ``hidden``).
+    """
+    s_logits, t_logits = student_out.logits, teacher_out.logits
+    vocab = s_logits.shape[-1]
+    # one row per token: batchmean is then the mean over tokens, whatever the batch and sequence shape
+    kl = kl_with_temperature(s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab), temperature)
+    parts = {"kl": float(kl.detach())}
+    if hidden_weight <= 0:
+        return kl, parts
+    s_hidden, t_hidden = student_out.hidden_states[1:], teacher_out.hidden_states[1:]
+    mapping = layer_map or uniform_layer_map(len(s_hidden), len(t_hidden))
+    mse = torch.stack([hidden_mse(s_hidden[i], t_hidden[j]) for i, j in enumerate(mapping)]).mean()
+    parts["hidden"] = float(mse.detach())
+    return kl + hidden_weight * mse, parts
