@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import field_validator, model_validator
 
-from prunekit.config.schema import _Frozen
+from prunekit.config.schema import FrozenConfig
 from prunekit.errors import ConfigError
 from prunekit.recipes import outputs as out_mod
 from prunekit.recipes.common import RecipeError, set_seed
@@ -60,7 +60,7 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-class DistillConfig(_Frozen):
+class DistillConfig(FrozenConfig):
     """Everything one ``prunekit distill`` run needs; unknown keys and impossible values raise ConfigError."""
 
     student: str

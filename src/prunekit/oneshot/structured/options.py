@@ -10,10 +10,7 @@ from prunekit.oneshot.structured.compensate import COMPENSATIONS
 from prunekit.oneshot.structured.heads import HEAD_CUTS
 from prunekit.oneshot.structured.plan import Request
 
-try:  # the shared base (named FrozenConfig once prunekit.config.schema exports it)
-    from prunekit.config.schema import FrozenConfig
-except ImportError:  # pragma: no cover - older schema module
-    from prunekit.config.schema import _Frozen as FrozenConfig
+from prunekit.config.schema import FrozenConfig
 
 METHOD_NAMES = ("flap", "wanda-sp", "weight-norm")
 # FLAP restores the removed channels' mean; Wanda-sp and the weight-norm baseline are plain removals
