@@ -165,6 +165,13 @@ def check_regexes(key: str, value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def drop_unset(data: Any) -> Any:
+    """A mapping without its None values, so that "not set" means the default (a ``mode="before"`` validator)."""
+    if isinstance(data, Mapping):
+        return {k: v for k, v in data.items() if v is not None}
+    return data
+
+
 class FrozenConfig(BaseModel):
     """Base of every typed prunekit config: unknown keys rejected, instances immutable, errors as ConfigError.
 
@@ -255,9 +262,7 @@ class PrunerConfig(FrozenConfig):
     @classmethod
     def _drop_none(cls, data: Any) -> Any:
         """None means "not set" (as in the original's local dicts); the default applies."""
-        if isinstance(data, Mapping):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
+        return drop_unset(data)
 
     @field_validator(
         "target_sparsity", "min_sparsity_ratio_per_op", "max_sparsity_ratio_per_op", "reg_coeff",

@@ -181,16 +181,7 @@ def oneshot(model_or_path: nn.Module | str | os.PathLike, calibration: Calibrati
         run.run(batches, lambda _writes: InMemoryLayers(model, structure, device), progress)
         sparsity = sparsity_report(model)
         report = _report(cfg, run, sparsity, nsamples, seqlen, name, device, out, began, streamed=False)
-        if out is not None:
-            with staged_dir(out) as staging:
-                model.save_pretrained(staging)
-                if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                    tokenizer.save_pretrained(staging)
-                _finish_report(report, began, device)
-                report.save(staging)
-        else:
-            _finish_report(report, began, device)
-        return report
+        return _save_in_memory(model, tokenizer, report, out, began, device)
     return _streamed(cfg, run, ckpt, batches, nsamples, seqlen, name, device, out, began, progress)
 
 
@@ -209,15 +200,21 @@ def _whole_model(cfg: OneShotConfig, model: nn.Module, batches: list[Any], nsamp
                            profile=cfg.profile, sparsity=sparsity_report(model), nsamples=nsamples, seqlen=seqlen,
                            model=name, device=str(device), output_dir=str(out) if out else None,
                            config=cfg.to_dict())
-    if out is not None:
-        with staged_dir(out) as staging:
-            model.save_pretrained(staging)
-            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(staging)
-            _finish_report(report, began, device)
-            report.save(staging)
-    else:
+    return _save_in_memory(model, tokenizer, report, out, began, device)
+
+
+def _save_in_memory(model: nn.Module, tokenizer: Any, report: OneShotReport, out: Path | None, began: float,
+                    device: torch.device) -> OneShotReport:
+    """Finish the report and, given ``out``, write model, tokenizer and report there (staged, then renamed)."""
+    if out is None:
         _finish_report(report, began, device)
+        return report
+    with staged_dir(out) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(staging)
+        _finish_report(report, began, device)
+        report.save(staging)
     return report
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Mapping
 import yaml
 from pydantic import field_validator, model_validator
 
-from prunekit.config.schema import FrozenConfig, as_tuple, check_regexes, check_unit_interval
+from prunekit.config.schema import FrozenConfig, as_tuple, check_regexes, check_unit_interval, drop_unset
 from prunekit.errors import ConfigError
 
 _ALLOWED: dict[str, str] = {
@@ -84,9 +84,7 @@ class OneShotConfig(FrozenConfig):
     @classmethod
     def _drop_none(cls, data: Any) -> Any:
         """None means "not set": the default applies (as with PrunerConfig)."""
-        if isinstance(data, Mapping):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
+        return drop_unset(data)
 
     @field_validator(*_INTS, *_FLOATS, mode="before")
     @classmethod
