@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmcompressor import oneshot
 
     t_import = time.perf_counter()
-    windows = torch.load(args.calibration)
+    windows = torch.load(args.calibration, weights_only=True)  # token ids only: never unpickle code
     if windows.dtype != torch.long or windows.dim() != 2:
         raise SystemExit(f"--calibration {args.calibration}: expected a LongTensor [nsamples, seqlen], "
                          f"got {windows.dtype} {tuple(windows.shape)}")

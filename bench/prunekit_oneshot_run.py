@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     import prunekit
 
     t_import = time.perf_counter()
-    windows = torch.load(args.calibration)
+    windows = torch.load(args.calibration, weights_only=True)  # token ids only: never unpickle code
     nsamples, seqlen = windows.shape
     config = {"method": args.method, "pattern": args.pattern, "target_sparsity": args.sparsity,
               "nsamples": nsamples, "seqlen": seqlen, "block_size": args.block_size,
