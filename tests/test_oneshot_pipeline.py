@@ -104,3 +104,18 @@ def test_windows_are_seeded_and_refuse_short_text():
     assert ev.shape == (161 // 16, 16)
     with pytest.raises(ConfigError, match="calibration: got '9 tokens'"):
         calibration_windows(["short txt"], _Tok(), nsamples=1, seqlen=16)
+
+
+def test_a_squad_file_gives_calibration_or_held_out_articles_never_both():
+    # the same SQuAD file serves --calibration and --eval-text: evaluation must not read calibration text
+    import os
+    from pathlib import Path
+
+    from prunekit.oneshot import load_texts, squad_paragraphs
+
+    path = Path(os.environ.get("PRUNEKIT_DATA_DIR", "../shared/data")) / "squad" / "dev-v1.1.json"
+    if not path.is_file():
+        pytest.skip(f"no SQuAD file at {path}")
+    calibration, held_out = load_texts(path), load_texts(path, held_out=True)
+    assert calibration == squad_paragraphs(path, (0, 38)) and held_out == squad_paragraphs(path, (38, 48))
+    assert calibration and held_out and not set(calibration) & set(held_out)

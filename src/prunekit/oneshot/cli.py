@@ -85,7 +85,7 @@ def run_oneshot(args: argparse.Namespace) -> int:
     if args.eval_text is not None:
         from prunekit.oneshot.data import evaluation_windows, load_texts
 
-        texts = load_texts(args.eval_text, key="eval_text")
+        texts = load_texts(args.eval_text, key="eval_text", held_out=True)
         tokenizer = Checkpoint(args.model, cfg.dtype).tokenizer()
         eval_windows = evaluation_windows(texts, tokenizer, cfg.seqlen, args.eval_windows)
     before = _perplexity(args.model, eval_windows, cfg) if eval_windows is not None else None

@@ -39,8 +39,13 @@ def _read_json(path: str | Path, key: str) -> Any:
 
 
 def load_texts(source: str | Path | Sequence[str], *, split: str = "train", text_column: str = "text",
-               key: str = "calibration") -> list[str]:
-    """Documents from a file, a list of strings or a ``datasets`` name (see the module docstring)."""
+               key: str = "calibration", held_out: bool = False) -> list[str]:
+    """Documents from a file, a list of strings or a ``datasets`` name (see the module docstring).
+
+    A SQuAD-format ``.json`` gives the paragraphs of articles 1-38 for calibration / training, or of articles
+    39-48 with ``held_out`` (evaluation), so the same file can serve both without the evaluation reading
+    calibration text.
+    """
     if isinstance(source, (list, tuple)):
         if not all(isinstance(t, str) for t in source):
             raise ConfigError(key, type(source).__name__, "allowed: a list of strings")
@@ -53,7 +58,7 @@ def load_texts(source: str | Path | Sequence[str], *, split: str = "train", text
         if suffix == ".jsonl":
             return _jsonl_texts(path, text_column, key)
         if suffix == ".json":
-            return squad_paragraphs(path)
+            return squad_paragraphs(path, HELD_OUT_ARTICLES if held_out else CALIBRATION_ARTICLES)
         try:
             return [path.read_text(encoding="utf-8")]
         except UnicodeDecodeError:

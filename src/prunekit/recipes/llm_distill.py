@@ -218,10 +218,10 @@ def _check_vocabulary(student_cfg, teacher_cfg, student_tok, teacher_tok, cfg: D
                           "id as the student's", f"{len(differ)} (token, id) pairs differ, e.g. {differ[0]!r}")
 
 
-def _texts(source: str, split: str, column: str, key: str) -> list[str]:
+def _texts(source: str, split: str, column: str, key: str, held_out: bool = False) -> list[str]:
     from prunekit.oneshot.data import load_texts
 
-    return load_texts(source, split=split, text_column=column, key=key)
+    return load_texts(source, split=split, text_column=column, key=key, held_out=held_out)
 
 
 def _train_windows(cfg: DistillConfig, tokenizer) -> tuple[torch.Tensor, int]:
@@ -315,7 +315,7 @@ def check(cfg: DistillConfig) -> _Plan:
     if cfg.eval_text is not None:
         from prunekit.oneshot.data import evaluation_windows
 
-        texts = _texts(cfg.eval_text, cfg.eval_split, cfg.text_column, "--eval-text")
+        texts = _texts(cfg.eval_text, cfg.eval_split, cfg.text_column, "--eval-text", held_out=True)
         eval_windows = evaluation_windows(texts, tokenizer, cfg.eval_seqlen or cfg.seqlen, cfg.eval_windows,
                                           key="--eval-text")
     state = None

@@ -74,17 +74,11 @@ def _options(args: argparse.Namespace) -> Any:
                              compensation=args.compensation)
 
 
-def _is_squad(path: str) -> bool:
-    return str(path).lower().endswith(".json") and Path(path).is_file()
-
-
 def read_texts(source: str, key: str, held_out: bool = False) -> list[str]:
     """Documents of ``source``; a SQuAD JSON gives its calibration (1-38) or held-out (39-48) articles."""
-    from prunekit.oneshot.data import CALIBRATION_ARTICLES, HELD_OUT_ARTICLES, load_texts, squad_paragraphs
+    from prunekit.oneshot.data import load_texts
 
-    if _is_squad(source):
-        return squad_paragraphs(source, HELD_OUT_ARTICLES if held_out else CALIBRATION_ARTICLES)
-    return load_texts(source, key=key)
+    return load_texts(source, key=key, held_out=held_out)
 
 
 def _check_ints(args: argparse.Namespace) -> None:
