@@ -172,10 +172,7 @@ class Pruning:
         if self._handles:
             return
         if self._armed:  # on_after_optimizer_step was not called for the previous step
-            if not self._missing_after_warned:
-                warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer "
-                              "step; advancing the step counter here", stacklevel=2)
-                self._missing_after_warned = True
+            self._warn_missing_after(stacklevel=3)
             self._resolve_callback_step()
         self._arm()
 
@@ -250,12 +247,16 @@ class Pruning:
             return all(bool(torch.isfinite(g).all()) for layer in self.layers
                        if (g := getattr(layer.weight, "grad", None)) is not None)
 
+    def _warn_missing_after(self, stacklevel: int) -> None:
+        """Once per Pruning: a step began while the previous one still waits for on_after_optimizer_step."""
+        if not self._missing_after_warned:
+            warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer step; "
+                          "advancing the step counter here", stacklevel=stacklevel)
+            self._missing_after_warned = True
+
     def _before_step(self) -> None:
         if self._in_step:  # on_after_optimizer_step was not called for the previous step
-            if not self._missing_after_warned:
-                warnings.warn("prunekit: on_after_optimizer_step() was not called after the last optimizer "
-                              "step; advancing the step counter here", stacklevel=3)
-                self._missing_after_warned = True
+            self._warn_missing_after(stacklevel=4)
             self._after_step()
         with torch.no_grad():
             # the gradient mask may ride along the score update, unless an event changes the masks in between
