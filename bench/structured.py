@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--recovery-tokens", type=int, default=32768)
     parser.add_argument("--no-recovery", action="store_true")
+    parser.add_argument("--recover-methods", nargs="+", default=["flap", "weight-norm"], choices=list(METHODS),
+                        help="methods whose points are distilled (each recovery is a few minutes on a CPU)")
     parser.add_argument("--plot", default=str(Path(__file__).with_name("structured.png")))
     args = parser.parse_args()
     torch.set_num_threads(args.ppl_threads)
@@ -189,8 +191,9 @@ def main() -> None:
                     torch.set_num_threads(args.ppl_threads)
                 point["latency"] = latency
                 point["speedup_vs_ideal"] = latency["speedup"] / point["flop_ideal_speedup"]
-                point["recovered_perplexity"] = (None if recovery_note else
-                                                 recover(model, tokenizer, args, eval_ids, tmp, f"{cut}-{method}"))
+                point["recovered_perplexity"] = (
+                    None if recovery_note or method not in args.recover_methods
+                    else recover(model, tokenizer, args, eval_ids, tmp, f"{cut}-{method}"))
                 points.append(point)
                 print(json.dumps(point), file=sys.stderr)
                 del model
@@ -207,7 +210,8 @@ def main() -> None:
         "eval": {"windows": int(eval_ids.shape[0]), "seqlen": int(eval_ids.shape[1]),
                  "text": "SQuAD dev articles 39-48"},
         "latency_tokens": args.tokens, "dense_perplexity": dense_ppl, "recovery_tokens": args.recovery_tokens,
-        "recovery_note": recovery_note, "points": points, "wall_seconds": round(time.perf_counter() - started, 1),
+        "recovered_methods": [] if recovery_note else list(args.recover_methods), "recovery_note": recovery_note,
+        "points": points, "wall_seconds": round(time.perf_counter() - started, 1),
     }
     _plot(result, args.plot)
     print(json.dumps(result, indent=1))

@@ -72,3 +72,12 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(files, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("prunekit oneshot: error: ") and message in err and "\n" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--true-sequential"], True),
+                                            (["--no-true-sequential"], False)])
+def test_true_sequential_flag_reaches_the_config(flag, expected):
+    from prunekit.oneshot.cli import config_from_args, oneshot_parser
+
+    args = oneshot_parser().parse_args(["--model", "m", "--calibration", "c", "--output", "o", *flag])
+    assert config_from_args(args).true_sequential is expected

@@ -67,3 +67,16 @@ def test_config_is_immutable_and_overrides_revalidate():
     assert cfg.with_overrides(pattern="1:4").target_sparsity == 0.25
     with pytest.raises(ConfigError, match="target_sparsity"):
         cfg.with_overrides(target_sparsity=2.0)
+
+
+def test_true_sequential_defaults_to_the_method_and_round_trips():
+    from prunekit.oneshot.config import OneShotConfig
+    from prunekit.oneshot.methods import METHODS
+
+    assert OneShotConfig().method_options().true_sequential is None
+    assert METHODS.get("sparsegpt").true_sequential and not METHODS.get("wanda").true_sequential
+    cfg = OneShotConfig(method="sparsegpt", true_sequential=False)
+    assert cfg.method_options().true_sequential is False
+    assert OneShotConfig.from_yaml(cfg.to_yaml()).true_sequential is False
+    with pytest.raises(ConfigError, match="true_sequential"):
+        OneShotConfig(true_sequential="sometimes")

@@ -210,3 +210,36 @@ def test_retrain_free_is_registered_as_a_whole_model_method():
         method.check_pattern(parse_pattern("1x1"))
     with pytest.raises(TypeError, match="retrain_free_prune"):
         method.prune(torch.ones(2, 2), None, 0.5, parse_pattern("channelx1"), MethodOptions())
+
+
+def test_true_sequential_calibrates_later_linears_on_pruned_inputs():
+    # with true_sequential the down projection's Hessian comes from the block with attention and gate/up already
+    # pruned; without it from the dense block. Both prune every selected linear exactly.
+    from prunekit.oneshot.methods import METHODS, MethodOptions
+    from prunekit.oneshot.pipeline import run_sequential
+    from prunekit.oneshot.prune import prune_block
+    from prunekit.oneshot.structure import block_linears
+    from prunekit.patterns import parse_pattern
+    from llm_fixtures import tiny_llm
+
+    hessians = {}
+    for seq in (False, True):
+        model = tiny_llm("llama", layers=1)
+        seen = []
+        down = model.model.layers[0].mlp.down_proj
+
+        def on_layer(ctx, seq=seq, seen=seen):
+            handle = down.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, 96)))
+            linears = block_linears(ctx.block)
+            layers = prune_block(ctx, linears, {n: n for n in linears}, 0.5, parse_pattern("1x1"),
+                                 METHODS.get("sparsegpt"), MethodOptions(), true_sequential=seq)
+            handle.remove()
+            assert len(layers) == 7 and all(float((l.module.weight == 0).float().mean()) == 0.5 for l in layers)
+
+        batches = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        run_sequential(model, batches, on_layer, progress=False)
+        hessians[seq] = seen
+    # the probe + one pass (4 batches) each time; the staged pass's down_proj inputs differ from the dense ones
+    dense_x = torch.cat(hessians[False][1:5])
+    staged_x = torch.cat(hessians[True][1:5])
+    assert not torch.allclose(dense_x, staged_x)

@@ -119,3 +119,44 @@ def test_a_squad_file_gives_calibration_or_held_out_articles_never_both():
     calibration, held_out = load_texts(path), load_texts(path, held_out=True)
     assert calibration == squad_paragraphs(path, (0, 38)) and held_out == squad_paragraphs(path, (38, 48))
     assert calibration and held_out and not set(calibration) & set(held_out)
+
+
+EXPECTED_GROUPS = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"],
+            ["fc2"]],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_GROUPS))
+def test_input_groups_follow_the_tensors_each_linear_reads(kind):
+    model = tiny_llm(kind, layers=1)
+    got = []
+    run_sequential(model, [torch.randint(0, 128, (1, 8))],
+                   lambda ctx: got.append(ctx.input_groups(block_linears(ctx.block))), progress=False)
+    assert [sorted(g) for g in got[0]] == [sorted(g) for g in EXPECTED_GROUPS[kind]]
+
+
+def test_shared_stats_equal_separate_ones_and_stop_early_sees_the_same_inputs():
+    model = tiny_llm("llama", layers=1)
+    batches = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    out = {}
+
+    def on_layer(ctx):
+        linears = block_linears(ctx.block)
+        groups = ctx.input_groups(linears)
+        out["separate"] = ctx.collect(linears, ["hessian", "sq_norm"])
+        out["shared"] = ctx.collect(linears, ["hessian", "sq_norm"], shared=groups)
+        first = {n: linears[n] for n in groups[0]}
+        out["early"] = ctx.collect(first, ["hessian"], stop_early=True, shared=groups)
+
+    run_sequential(model, batches, on_layer, progress=False)
+    sep, sh = out["separate"], out["shared"]
+    assert sh["self_attn.q_proj"] is sh["self_attn.v_proj"] and sh["mlp.gate_proj"] is sh["mlp.up_proj"]
+    assert sh["self_attn.q_proj"] is not sh["self_attn.o_proj"]
+    for name in sep:
+        torch.testing.assert_close(sh[name].hessian, sep[name].hessian)
+        torch.testing.assert_close(sh[name].sq_norm, sep[name].sq_norm)
+    torch.testing.assert_close(out["early"]["self_attn.k_proj"].hessian, sep["self_attn.k_proj"].hessian)

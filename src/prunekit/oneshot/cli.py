@@ -18,7 +18,7 @@ CONFIG_FLAGS = {
     "method": "method", "pattern": "pattern", "sparsity": "target_sparsity", "nsamples": "nsamples",
     "seqlen": "seqlen", "seed": "seed", "device": "device", "dtype": "dtype", "profile": "profile",
     "owl_threshold": "owl_threshold", "owl_lambda": "owl_lambda", "block_size": "block_size",
-    "dampening": "dampening", "dsnot": "dsnot",
+    "dampening": "dampening", "dsnot": "dsnot", "true_sequential": "true_sequential",
 }
 
 
@@ -49,6 +49,9 @@ def add_oneshot_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--block-size", type=int, default=None, help="SparseGPT columns per lazy block (128)")
     p.add_argument("--dampening", type=float, default=None, help="SparseGPT dampening fraction (0.01)")
     p.add_argument("--dsnot", action="store_true", default=None, help="refine Wanda masks with DSnoT")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune each block's linears group by group (q/k/v, o, gate/up, down), each calibrated "
+                        "on the already pruned ones (default: on for sparsegpt, off for wanda)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute and output dtype (default: the checkpoint's)")

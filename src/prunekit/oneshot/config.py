@@ -34,6 +34,7 @@ _ALLOWED: dict[str, str] = {
     "dsnot_cycles": "allowed: an int >= 1",
     "dsnot_threshold": "allowed: a finite float >= 0",
     "seed": "allowed: an int >= 0",
+    "true_sequential": "allowed: true, false or null (null: the method's default, true for sparsegpt)",
     "device": "allowed: a torch device string such as 'cpu', 'cuda', 'cuda:1' (default: cuda when available)",
 }
 
@@ -76,6 +77,7 @@ class OneShotConfig(FrozenConfig):
     dsnot_threshold: float = 5e-5  # per calibration token (prunekit.oneshot.methods.MethodOptions)
     use_variant: bool = False
     seed: int = 0
+    true_sequential: bool | None = None
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
@@ -211,7 +213,7 @@ class OneShotConfig(FrozenConfig):
 
         return MethodOptions(block_size=self.block_size, dampening=self.dampening, dsnot=self.dsnot,
                              dsnot_cycles=self.dsnot_cycles, dsnot_threshold=self.dsnot_threshold,
-                             use_variant=self.use_variant, seed=self.seed)
+                             use_variant=self.use_variant, seed=self.seed, true_sequential=self.true_sequential)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key, lists instead of tuples (YAML/JSON friendly); ``OneShotConfig(**d)`` gives it back."""

@@ -128,25 +128,78 @@ class LayerContext:
                 outputs.append(_hidden_of(out).to(b.hidden.device))
         return outputs
 
-    def collect(self, linears: Mapping[str, nn.Module], kinds: Iterable[str]) -> dict[str, InputStats]:
-        """Run the block once and accumulate ``kinds`` statistics of the inputs of each of ``linears``."""
+    def collect(self, linears: Mapping[str, nn.Module], kinds: Iterable[str], stop_early: bool = False,
+                shared: Iterable[Iterable[str]] = ()) -> dict[str, InputStats]:
+        """Run the block once and accumulate ``kinds`` statistics of the inputs of each of ``linears``.
+
+        ``shared``: groups of names that read the same tensor (:meth:`input_groups`); each group's members get
+        one :class:`InputStats`, accumulated once (q/k/v share one Hessian). ``stop_early``: a batch's forward
+        stops as soon as every one of ``linears`` has seen it (the rest of the block is not needed).
+        """
         kinds = tuple(kinds)
+        leader = {n: n for n in linears}
+        for group in shared:
+            members = [n for n in group if n in linears]
+            leader.update({n: members[0] for n in members})
         stats: dict[str, InputStats] = {}
         handles = []
+        seen: set[str] = set()
         for name, module in linears.items():
+            if leader[name] != name:
+                continue
             in_features = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
             stats[name] = InputStats(in_features, kinds, module.weight.device)
 
-            def hook(_m: nn.Module, args: tuple, _out: Any, s: InputStats = stats[name]) -> None:
+            def hook(_m: nn.Module, args: tuple, _out: Any, s: InputStats = stats[name], n: str = name) -> None:
                 s.add(args[0])
+                seen.add(n)
+                if stop_early and len(seen) == len(stats):
+                    raise _StopForward
 
             handles.append(module.register_forward_hook(hook))
         try:
-            self.forward()
+            with torch.no_grad():
+                for b in self.inputs:
+                    seen.clear()
+                    try:
+                        self.block(to_device(b.hidden, self.device), *to_device(b.args, self.device),
+                                   **to_device(b.kwargs, self.device))
+                    except _StopForward:
+                        pass
         finally:
             for h in handles:
                 h.remove()
-        return stats
+        return {name: stats[leader[name]] for name in linears}
+
+    def input_groups(self, linears: Mapping[str, nn.Module]) -> list[list[str]]:
+        """``linears`` grouped by the tensor they read, in the order the block uses them.
+
+        For a Llama block: ``[q, k, v], [o], [gate, up], [down]``. Found by running the first calibration batch
+        once and comparing the input tensors each linear receives.
+        """
+        groups: dict[int, list[str]] = {}
+        keep_alive: list[torch.Tensor] = []  # no input is freed during the probe, so no storage is reused
+        handles = []
+        for name, module in linears.items():
+            def hook(_m: nn.Module, args: tuple, n: str = name) -> None:
+                x = args[0]
+                keep_alive.append(x)
+                key = next((k for k, t in enumerate(keep_alive) if t is x), len(keep_alive) - 1)
+                if all(n not in g for g in groups.values()):
+                    groups.setdefault(key, []).append(n)
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            b = self.inputs[0]
+            with torch.no_grad():
+                self.block(to_device(b.hidden, self.device), *to_device(b.args, self.device),
+                           **to_device(b.kwargs, self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        ordered = list(groups.values())
+        missing = [n for n in linears if all(n not in g for g in ordered)]
+        return ordered + ([missing] if missing else [])
 
 
 class LayerSource(Protocol):

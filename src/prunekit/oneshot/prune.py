@@ -1,9 +1,8 @@
 """What a one-shot run does to each decoder block: select its linears, prune them, keep prunekit masks.
 
 Used by :func:`prunekit.oneshot.api.oneshot` (in memory or streaming) and by the original's call shapes in
-:mod:`prunekit.compat`. Statistics are collected in one pass per block over all selected linears (the
-llm-compressor default): every linear of block *i* sees the outputs of the already pruned blocks < *i*, and the
-dense inputs of its own block.
+:mod:`prunekit.compat`. Every linear of block *i* sees the outputs of the already pruned blocks < *i*; inside the
+block, by default, also the outputs of its already pruned linears (``true_sequential``, see :func:`prune_block`).
 """
 from __future__ import annotations
 
@@ -126,15 +125,29 @@ def prune_linear(name: str, module: nn.Module, stats: Any, sparsity: float, patt
 
 def prune_block(ctx: LayerContext, linears: Mapping[str, nn.Module], qualified: Mapping[str, str],
                 sparsity: float, pattern: Pattern, method: OneShotMethod, options: MethodOptions,
-                after_linear: Callable[[], None] | None = None) -> list[PrunedLayer]:
-    """One block: one statistics pass over all its selected linears, then each one pruned (``after_linear`` runs
-    after each, e.g. to hand the heap's freed temporaries back while streaming)."""
+                after_linear: Callable[[], None] | None = None,
+                true_sequential: bool | None = None) -> list[PrunedLayer]:
+    """Prune one block's selected linears (``after_linear`` runs after each, e.g. to hand the heap's freed
+    temporaries back while streaming).
+
+    ``true_sequential``: the linears are pruned in groups that read the same tensor, in forward order (q/k/v,
+    then o, then gate/up, then down), each group's statistics collected with the earlier groups already pruned,
+    so a later linear calibrates on the inputs it will really see. Otherwise one statistics pass over the dense
+    block serves every linear (llm-compressor's way). None: ``options.true_sequential``, else the method's default.
+    """
+    if true_sequential is None:
+        true_sequential = method.true_sequential if options.true_sequential is None else options.true_sequential
     kinds = method.stat_kinds(options)
-    stats = ctx.collect(linears, kinds) if kinds else {}
+    # linears reading the same tensor share one set of statistics (q/k/v one Hessian, gate/up another)
+    groups = ctx.input_groups(linears) if kinds else [list(linears)]
+    stages = groups if true_sequential else [list(linears)]
     layers = []
-    for rel, module in linears.items():
-        layers.append(prune_linear(qualified[rel], module, stats.pop(rel, None), sparsity, pattern, method,
-                                   options))
-        if after_linear is not None:
-            after_linear()
+    for stage in stages:
+        members = {rel: linears[rel] for rel in stage}
+        stats = ctx.collect(members, kinds, stop_early=true_sequential, shared=groups) if kinds else {}
+        for rel, module in members.items():
+            layers.append(prune_linear(qualified[rel], module, stats.pop(rel, None), sparsity, pattern, method,
+                                       options))
+            if after_linear is not None:
+                after_linear()
     return layers

@@ -36,6 +36,9 @@ class MethodOptions:
     dsnot_var_power: float = 1.0  # DSnoT: growth score divides by Var[x]^power
     use_variant: bool = False    # Wanda's per-row cumulative-sum threshold variant
     seed: int = 0
+    # prune a block's linears group by group, each calibrated with the earlier groups pruned (None: the
+    # method's own default, OneShotMethod.true_sequential)
+    true_sequential: bool | None = None
 
 
 def pattern_kind(pattern: Pattern) -> str:
@@ -56,6 +59,9 @@ class OneShotMethod(ABC):
     #: True for methods that need the whole model's gradients instead of one layer's inputs (retrain_free):
     #: the caller runs them through their own entry point, never :meth:`prune` inside the layer pipeline
     whole_model: ClassVar[bool] = False
+    #: default of ``true_sequential``: True for methods that rebuild the kept weights from their inputs
+    #: (SparseGPT), whose reconstruction is only as good as the inputs it calibrates on
+    true_sequential: ClassVar[bool] = False
 
     def stat_kinds(self, options: MethodOptions) -> tuple[str, ...]:
         """Which :class:`InputStats` kinds the method needs (given its options)."""

@@ -134,6 +134,7 @@ class SparseGPT(OneShotMethod):
     """SparseGPT: Hessian-based mask with OBS weight reconstruction (needs the ``hessian`` statistic)."""
 
     name = "sparsegpt"
+    true_sequential = True
 
     def stat_kinds(self, options: MethodOptions) -> tuple[str, ...]:
         return ("hessian",)
