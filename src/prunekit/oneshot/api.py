@@ -88,6 +88,36 @@ def _batch_shape(batches: Sequence[Any]) -> tuple[int, int]:
     return len(batches), seqlen
 
 
+MICRO_BATCH_TOKENS = 2048  # a CPU block forward on 4 x 512 tokens at once is ~10 % cheaper per token than 4 x 1
+
+
+def micro_batches(batches: list[Any], max_tokens: int = MICRO_BATCH_TOKENS) -> list[Any]:
+    """Consecutive ``[1, L]`` token-id windows of equal length stacked into ``[k, L]`` batches (k·L <= max_tokens).
+
+    Only for the layer pipeline, whose statistics are per token and so do not depend on the batching; a user's
+    dict batches (which may carry their own masks) pass through unchanged.
+    """
+    out: list[Any] = []
+    group: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if group:
+            out.append(torch.cat(group) if len(group) > 1 else group[0])
+            group.clear()
+
+    for b in batches:
+        plain = isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[0] == 1
+        if not plain or (group and (b.shape[1] != group[0].shape[1]
+                                    or (len(group) + 1) * b.shape[1] > max_tokens)):
+            flush()
+        if plain:
+            group.append(b)
+        else:
+            out.append(b)
+    flush()
+    return out
+
+
 class _Run:
     """One validated run: method, pattern, profile and selection, applied to whatever source feeds blocks."""
 
@@ -101,6 +131,7 @@ class _Run:
         self.selection: Selection = select_linears(model, structure, config.op_names, config.excluded_op_names,
                                                    self.pattern)
         self.sparsities: list[float] = []
+        self._groups: dict = {}  # input groups per block class and selection (prune_block's group_cache)
 
     def _linears(self, ctx: LayerContext) -> dict[str, nn.Module]:
         return self.selection.modules(ctx.index, ctx.block)
@@ -108,6 +139,7 @@ class _Run:
     def run(self, batches: list[Any], source_factory: Callable[[bool], LayerSource], progress: bool,
             after_linear: Callable[[], None] | None = None) -> None:
         """The profile's dense pass when it needs one, then the pruning pass."""
+        batches = micro_batches(batches)
         def dense_pass(observe: Callable) -> None:
             run_sequential(self.model, batches, lambda ctx: observe(ctx, self._linears(ctx)),
                            structure=self.structure, source=source_factory(False), device=self.device,
@@ -120,7 +152,7 @@ class _Run:
             linears = self._linears(ctx)
             if linears:
                 prune_block(ctx, linears, self.selection.per_block[ctx.index], self.sparsities[ctx.index],
-                            self.pattern, self.method, self.options, after_linear)
+                            self.pattern, self.method, self.options, after_linear, group_cache=self._groups)
 
         run_sequential(self.model, batches, on_layer, structure=self.structure, source=source_factory(True),
                        device=self.device, progress=progress, desc=f"{self.method.name} {self.pattern.spec}")

@@ -134,7 +134,7 @@ class LayerContext:
 
         ``shared``: groups of names that read the same tensor (:meth:`input_groups`); each group's members get
         one :class:`InputStats`, accumulated once (q/k/v share one Hessian). ``stop_early``: a batch's forward
-        stops as soon as every one of ``linears`` has seen it (the rest of the block is not needed).
+        stops as soon as every one of ``linears`` has been handed it (the rest of the block is not needed).
         """
         kinds = tuple(kinds)
         leader = {n: n for n in linears}
@@ -150,13 +150,14 @@ class LayerContext:
             in_features = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
             stats[name] = InputStats(in_features, kinds, module.weight.device)
 
-            def hook(_m: nn.Module, args: tuple, _out: Any, s: InputStats = stats[name], n: str = name) -> None:
+            # a pre-hook: with stop_early the forward ends before the last linear's own matmul
+            def hook(_m: nn.Module, args: tuple, s: InputStats = stats[name], n: str = name) -> None:
                 s.add(args[0])
                 seen.add(n)
                 if stop_early and len(seen) == len(stats):
                     raise _StopForward
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_pre_hook(hook))
         try:
             with torch.no_grad():
                 for b in self.inputs:
@@ -298,9 +299,10 @@ def run_sequential(model: nn.Module, batches: Iterable[Any], on_layer: LayerFn, 
             block = source.load(index)
             ctx = LayerContext(index, structure.layer_name(index), block, inputs, device)
             on_layer(ctx)
-            outputs = ctx.forward()
+            if index + 1 < len(structure):  # the last block's outputs feed nothing
+                outputs = ctx.forward()
+                inputs = [BlockInputs(o, b.args, b.kwargs) for b, o in zip(inputs, outputs)]
             source.release(index, block)
-            inputs = [BlockInputs(o, b.args, b.kwargs) for b, o in zip(inputs, outputs)]
             bar.update(1)
         bar.close()
     finally:

@@ -125,8 +125,8 @@ def prune_linear(name: str, module: nn.Module, stats: Any, sparsity: float, patt
 
 def prune_block(ctx: LayerContext, linears: Mapping[str, nn.Module], qualified: Mapping[str, str],
                 sparsity: float, pattern: Pattern, method: OneShotMethod, options: MethodOptions,
-                after_linear: Callable[[], None] | None = None,
-                true_sequential: bool | None = None) -> list[PrunedLayer]:
+                after_linear: Callable[[], None] | None = None, true_sequential: bool | None = None,
+                group_cache: dict | None = None) -> list[PrunedLayer]:
     """Prune one block's selected linears (``after_linear`` runs after each, e.g. to hand the heap's freed
     temporaries back while streaming).
 
@@ -134,12 +134,22 @@ def prune_block(ctx: LayerContext, linears: Mapping[str, nn.Module], qualified: 
     then o, then gate/up, then down), each group's statistics collected with the earlier groups already pruned,
     so a later linear calibrates on the inputs it will really see. Otherwise one statistics pass over the dense
     block serves every linear (llm-compressor's way). None: ``options.true_sequential``, else the method's default.
+    ``group_cache``: a dict kept across the blocks of one run, so blocks of one class and selection are probed for
+    their input groups once.
     """
     if true_sequential is None:
         true_sequential = method.true_sequential if options.true_sequential is None else options.true_sequential
     kinds = method.stat_kinds(options)
     # linears reading the same tensor share one set of statistics (q/k/v one Hessian, gate/up another)
-    groups = ctx.input_groups(linears) if kinds else [list(linears)]
+    if not kinds:
+        groups = [list(linears)]
+    elif group_cache is None:
+        groups = ctx.input_groups(linears)
+    else:
+        key = (type(ctx.block), tuple(linears))
+        if key not in group_cache:
+            group_cache[key] = ctx.input_groups(linears)
+        groups = group_cache[key]
     stages = groups if true_sequential else [list(linears)]
     layers = []
     for stage in stages:
