@@ -113,7 +113,8 @@ def recover(student: torch.nn.Module, tokenizer: Any, args: argparse.Namespace, 
     if not train.exists():
         train.write_text("\n\n".join(squad_paragraphs(SQUAD, CALIBRATION_ARTICLES)), encoding="utf-8")
     cmd = [*PRUNEKIT, "distill", "--student", str(src), "--teacher", str(args.model),
-           "--train-text", str(train), "--max-tokens", str(args.recovery_tokens), "--seqlen", str(args.seqlen),
+           "--train-text", str(train), "--max-tokens", str(args.recovery_tokens),
+           "--seqlen", str(args.recovery_seqlen),
            "--output", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -136,9 +137,11 @@ def main() -> None:
     parser.add_argument("--cuts", nargs="+", default=list(CUTS), choices=list(CUTS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--recovery-tokens", type=int, default=32768)
+    parser.add_argument("--recovery-seqlen", type=int, default=256,
+                        help="distillation window (256: the done-when run's; 512 is ~1.5x slower on a CPU)")
     parser.add_argument("--no-recovery", action="store_true")
-    parser.add_argument("--recover-methods", nargs="+", default=["flap", "weight-norm"], choices=list(METHODS),
-                        help="methods whose points are distilled (each recovery is a few minutes on a CPU)")
+    parser.add_argument("--recover-methods", nargs="+", default=["flap"], choices=list(METHODS),
+                        help="methods whose points are distilled (each recovery is ~4 min on a 2-core CPU)")
     parser.add_argument("--plot", default=str(Path(__file__).with_name("structured.png")))
     args = parser.parse_args()
     torch.set_num_threads(args.ppl_threads)
@@ -210,6 +213,7 @@ def main() -> None:
         "eval": {"windows": int(eval_ids.shape[0]), "seqlen": int(eval_ids.shape[1]),
                  "text": "SQuAD dev articles 39-48"},
         "latency_tokens": args.tokens, "dense_perplexity": dense_ppl, "recovery_tokens": args.recovery_tokens,
+        "recovery_seqlen": args.recovery_seqlen,
         "recovered_methods": [] if recovery_note else list(args.recover_methods), "recovery_note": recovery_note,
         "points": points, "wall_seconds": round(time.perf_counter() - started, 1),
     }
