@@ -229,7 +229,8 @@ def test_true_sequential_calibrates_later_linears_on_pruned_inputs():
         down = model.model.layers[0].mlp.down_proj
 
         def on_layer(ctx, seq=seq, seen=seen):
-            handle = down.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, 96)))
+            # a pre-hook: the staged pass stops before down_proj's own matmul, after handing it its input
+            handle = down.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, 96)))
             linears = block_linears(ctx.block)
             layers = prune_block(ctx, linears, {n: n for n in linears}, 0.5, parse_pattern("1x1"),
                                  METHODS.get("sparsegpt"), MethodOptions(), true_sequential=seq)
