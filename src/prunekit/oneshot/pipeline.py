@@ -178,16 +178,16 @@ class LayerContext:
         For a Llama block: ``[q, k, v], [o], [gate, up], [down]``. Found by running the first calibration batch
         once and comparing the input tensors each linear receives.
         """
-        groups: dict[int, list[str]] = {}
-        keep_alive: list[torch.Tensor] = []  # no input is freed during the probe, so no storage is reused
+        groups: dict[int, list[str]] = {}  # id of the input tensor -> linears reading it, in call order
+        keep_alive: list[torch.Tensor] = []  # no input is freed during the probe, so no id is reused
+        placed: set[str] = set()
         handles = []
         for name, module in linears.items():
             def hook(_m: nn.Module, args: tuple, n: str = name) -> None:
-                x = args[0]
-                keep_alive.append(x)
-                key = next((k for k, t in enumerate(keep_alive) if t is x), len(keep_alive) - 1)
-                if all(n not in g for g in groups.values()):
-                    groups.setdefault(key, []).append(n)
+                if n not in placed:  # a linear called twice keeps its first group
+                    placed.add(n)
+                    keep_alive.append(args[0])
+                    groups.setdefault(id(args[0]), []).append(n)
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
@@ -198,9 +198,8 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
-        ordered = list(groups.values())
-        missing = [n for n in linears if all(n not in g for g in ordered)]
-        return ordered + ([missing] if missing else [])
+        missing = [n for n in linears if n not in placed]
+        return list(groups.values()) + ([missing] if missing else [])
 
 
 class LayerSource(Protocol):
