@@ -10,9 +10,15 @@ a row holds >= 2 zeros) and whether lm_head stayed as it was.
     python bench/oneshot.py                                    # every cell, both tools, SmolLM2-135M, 64 x 512
     python bench/oneshot.py --skip-prunekit --cells sparsegpt-1x1 wanda-2:4
     python bench/oneshot.py --nsamples 8 --seqlen 128 --eval-windows 4 --model TINY_DIR   # smoke run
+    python bench/oneshot.py --cells wanda-2:4 --seeds 0 1 2 3 4    # paired runs over 5 calibration draws
 
-Writes into --output (a new directory): calibration.pt, logs/, results.json, results.md, perplexity.png; the
-pruned models are deleted after scoring unless --keep-models. Prints the JSON document, then the markdown table.
+With several ``--seeds`` every cell runs once per seed (its own calibration windows, the same for both tools), and
+the ratios are also summarised over the seeds: a single draw of 64 windows moves a tool's perplexity by a few
+per cent through float-level near-ties, so one seed cannot tell two implementations of the same algorithm apart.
+
+Writes into --output (a new directory): calibration-seed<S>.pt, logs/, results.json, results.md, perplexity.png;
+the pruned models are deleted after scoring unless --keep-models. Prints the JSON document, then the markdown
+table.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -155,13 +162,14 @@ def run_measured(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None 
             "log_tail": None if proc.returncode == 0 else text[-2000:]}
 
 
-def tool_command(tool: str, cell: Cell, args: argparse.Namespace, calibration: Path, out: Path) -> list[str]:
-    """The command line that prunes ``cell`` with ``tool`` into ``out``."""
+def tool_command(tool: str, cell: Cell, args: argparse.Namespace, calibration: Path, out: Path,
+                 seed: int = 0) -> list[str]:
+    """The command line that prunes ``cell`` with ``tool`` into ``out`` (``seed``: prunekit's torch seed)."""
     common = ["--model", args.model, "--calibration", str(calibration), "--method", cell.method,
               "--pattern", cell.pattern, "--sparsity", str(args.sparsity), "--block-size", str(args.block_size),
               "--dampening", str(args.dampening), "--output", str(out)]
     if tool == "prunekit":
-        return [sys.executable, str(HERE / "prunekit_oneshot_run.py"), *common, "--seed", str(args.seed)]
+        return [sys.executable, str(HERE / "prunekit_oneshot_run.py"), *common, "--seed", str(seed)]
     return [args.peer_python, str(HERE / "llmc_oneshot.py"), *common]
 
 
@@ -179,32 +187,60 @@ def evaluate(model_dir: str | os.PathLike, windows: torch.Tensor, cell: Cell | N
             "eval_s": time.perf_counter() - start}
 
 
-def compare(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """prunekit / llm-compressor ratios per cell for perplexity, wall time and peak RSS (< 1: prunekit better)."""
-    out = {}
-    by = {(r["cell"], r["tool"]): r for r in runs if r.get("rc") == 0 and "perplexity" in r}
+RATIO_KEYS = ("perplexity", "wall_s", "peak_rss_mib")
+
+
+def compare(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """prunekit / llm-compressor ratios per cell for perplexity, wall time and peak RSS (< 1: prunekit better).
+
+    Runs pair up by (cell, seed). A cell's ratios are the geometric means over its paired seeds;
+    ``per_seed`` holds each seed's own ratios and ``perplexity_wins`` counts the seeds where prunekit's
+    perplexity is at most the peer's.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    by = {(r["cell"], r.get("seed", 0), r["tool"]): r for r in runs if r.get("rc") == 0 and "perplexity" in r}
     for cell in dict.fromkeys(r["cell"] for r in runs):
-        ours, peer = by.get((cell, "prunekit")), by.get((cell, "llm-compressor"))
-        if ours and peer:
-            out[cell] = {k: ours[k] / peer[k] for k in ("perplexity", "wall_s", "peak_rss_mib")}
+        per_seed = {}
+        for seed in dict.fromkeys(r.get("seed", 0) for r in runs if r["cell"] == cell):
+            ours, peer = by.get((cell, seed, "prunekit")), by.get((cell, seed, "llm-compressor"))
+            if ours and peer:
+                per_seed[seed] = {k: ours[k] / peer[k] for k in RATIO_KEYS}
+        if per_seed:
+            n = len(per_seed)
+            out[cell] = {k: math.exp(sum(math.log(r[k]) for r in per_seed.values()) / n) for k in RATIO_KEYS}
+            out[cell].update(seeds=n, perplexity_wins=sum(r["perplexity"] <= 1.0 for r in per_seed.values()),
+                             per_seed=per_seed)
     return out
 
 
+def ratio_table(ratios: dict[str, dict[str, Any]]) -> str:
+    """The summary of :func:`compare`: one row per cell, geometric-mean ratios over the paired seeds ("" if none)."""
+    if not ratios:
+        return ""
+    lines = ["| cell | paired seeds | perplexity ratio (geo. mean) | seeds with ppl <= peer | per-seed ppl ratios "
+             "| wall ratio | RSS ratio |", "|---|---|---|---|---|---|---|"]
+    for cell, r in ratios.items():
+        seeds = ", ".join(f"{s}: {v['perplexity']:.4f}" for s, v in r["per_seed"].items())
+        lines.append(f"| {cell} | {r['seeds']} | {r['perplexity']:.4f} | {r['perplexity_wins']} / {r['seeds']} "
+                     f"| {seeds} | {r['wall_s']:.3f} | {r['peak_rss_mib']:.3f} |")
+    return "\n".join(lines)
+
+
 def markdown_table(runs: list[dict[str, Any]], dense_ppl: float | None) -> str:
-    """One row per (cell, tool): perplexity, sparsity, N:M check, whole-process wall time and peak RSS."""
-    lines = ["| cell | tool | perplexity | vs dense | sparsity | N:M groups short | wall s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per (cell, seed, tool): perplexity, sparsity, N:M check, whole-process wall time and peak RSS."""
+    lines = ["| cell | seed | tool | perplexity | vs dense | sparsity | N:M groups short | wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     if dense_ppl is not None:
-        lines.append(f"| dense | – | {dense_ppl:.3f} | 1.000 | – | – | – | – |")
+        lines.append(f"| dense | – | – | {dense_ppl:.3f} | 1.000 | – | – | – | – |")
     for r in runs:
         if r.get("rc") != 0 or "perplexity" not in r:
-            lines.append(f"| {r['cell']} | {r['tool']} | failed (rc {r.get('rc')}, see {r.get('log')}) "
-                         "| – | – | – | – | – |")
+            lines.append(f"| {r['cell']} | {r.get('seed', 0)} | {r['tool']} | failed (rc {r.get('rc')}, see "
+                         f"{r.get('log')}) | – | – | – | – | – |")
             continue
         ratio = f"{r['perplexity'] / dense_ppl:.3f}" if dense_ppl else "–"
         short = next((v for k, v in r.items() if k.startswith("groups_below_")), None)
         nm = str(short) if CELLS.get(r["cell"]) and CELLS[r["cell"]].nm else "–"
-        lines.append(f"| {r['cell']} | {r['tool']} | {r['perplexity']:.3f} | {ratio} | {r['sparsity']:.4f} | {nm} "
+        lines.append(f"| {r['cell']} | {r.get('seed', 0)} | {r['tool']} | {r['perplexity']:.3f} | {ratio} | {r['sparsity']:.4f} | {nm} "
                      f"| {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
@@ -218,13 +254,15 @@ def plot(runs: list[dict[str, Any]], dense_ppl: float | None, path: Path) -> boo
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cells = list(dict.fromkeys(r["cell"] for r in runs))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 + 1.6 * len(cells)), 4))
+    groups = list(dict.fromkeys((r["cell"], r.get("seed", 0)) for r in runs))
+    several = len({seed for _, seed in groups}) > 1
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 + 1.6 * len(groups)), 4))
     width = 0.38
     for k, tool in enumerate(TOOLS):
         xs, ys = [], []
-        for i, cell in enumerate(cells):
-            r = next((r for r in runs if r["cell"] == cell and r["tool"] == tool and "perplexity" in r), None)
+        for i, (cell, seed) in enumerate(groups):
+            r = next((r for r in runs if r["cell"] == cell and r.get("seed", 0) == seed and r["tool"] == tool
+                      and "perplexity" in r), None)
             if r:
                 xs.append(i + (k - 0.5) * width)
                 ys.append(r["perplexity"])
@@ -233,8 +271,8 @@ def plot(runs: list[dict[str, Any]], dense_ppl: float | None, path: Path) -> boo
             ax.bar_label(bars, fmt="%.1f", fontsize=8)
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="grey", linestyle="--", label=f"dense {dense_ppl:.1f}")
-    ax.set_xticks(range(len(cells)), cells)
-    ax.set_xlim(-0.6, len(cells) - 0.4)
+    ax.set_xticks(range(len(groups)), [f"{c}\nseed {s}" if several else c for c, s in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel("held-out perplexity (lower is better)")
     ax.set_title("one-shot pruning: same calibration windows and evaluator", fontsize=10)
     ax.legend()
@@ -270,6 +308,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows scored")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window starts")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="run every cell once per seed (its own calibration windows); overrides --seed")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity of the 1x1 cells")
     p.add_argument("--block-size", type=int, default=128, help="SparseGPT block (llm-compressor's default)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (llm-compressor's default)")
@@ -287,6 +327,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.cell_list = parse_cells(args.cells)
     except ValueError as e:
         p.error(str(e))
+    args.seed_list = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    if any(s < 0 for s in args.seed_list):
+        p.error(f"--seeds: got {args.seed_list}; allowed integers >= 0")
     for key in ("nsamples", "seqlen", "eval_windows", "block_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')}: got {getattr(args, key)}; allowed >= 1")
@@ -333,15 +376,19 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calib, held = prepare_windows(tokenizer, args.nsamples, args.seqlen, args.eval_windows, args.seed)
+    calib_paths: dict[int, Path] = {}
+    calib_sha: dict[int, str] = {}
+    for seed in args.seed_list:
+        calib, held = prepare_windows(tokenizer, args.nsamples, args.seqlen, args.eval_windows, seed)
+        calib_paths[seed] = out / f"calibration-seed{seed}.pt"
+        calib_sha[seed] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+        torch.save(calib, calib_paths[seed])
     (out / "models").mkdir()
-    calib_path = out / "calibration.pt"
-    torch.save(calib, calib_path)
 
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    plan = [(cell, tool) for cell in args.cell_list for tool in TOOLS
+    plan = [(seed, cell, tool) for seed in args.seed_list for cell in args.cell_list for tool in TOOLS
             if not (tool == "prunekit" and args.skip_prunekit)
             and not (tool == "llm-compressor" and (args.skip_peer or not cell.peer))]
 
@@ -356,10 +403,10 @@ def _bench(args: argparse.Namespace) -> int:
             "complete": final,
             "protocol": {"model": args.model, "text": "SQuAD v1.1 dev Wikipedia paragraphs; calibration articles "
                          "1-38, held out 39-48, joined with a blank line", "nsamples": args.nsamples,
-                         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seed": args.seed,
+                         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seeds": args.seed_list,
                          "dtype": "float32", "device": "cpu", "sparsity": args.sparsity,
                          "block_size": args.block_size, "dampening": args.dampening, "threads": args.threads,
-                         "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()},
+                         "calibration_sha256": {str(s): h for s, h in calib_sha.items()}},
             "machine": machine_info(),
             "peer": next(({k: r["record"].get(k) for k in ("version", "torch", "transformers", "modifier",
                                                              "pipeline", "sequential_targets")}
@@ -370,15 +417,17 @@ def _bench(args: argparse.Namespace) -> int:
         }
         doc["plot"] = str(out / "perplexity.png") if final and plot(runs, dense_ppl, out / "perplexity.png") else None
         (out / "results.json").write_text(json.dumps(doc, indent=1))
-        (out / "results.md").write_text(markdown_table(runs, dense_ppl) + "\n")
+        summary = ratio_table(doc["ratios_prunekit_over_peer"])
+        (out / "results.md").write_text(markdown_table(runs, dense_ppl) + "\n" + (f"\n{summary}\n" if summary else ""))
         return doc
 
     bar = tqdm(plan, desc="runs", unit="run", file=sys.stderr)
-    for cell, tool in bar:
-        bar.set_postfix_str(f"{tool} {cell.name}")
-        model_out = out / "models" / f"{tool}-{cell.slug}"
-        cmd = tool_command(tool, cell, args, calib_path, model_out)
-        run = {"cell": cell.name, "tool": tool, **run_measured(cmd, out / "logs" / f"{tool}-{cell.slug}.log", env)}
+    for seed, cell, tool in bar:
+        bar.set_postfix_str(f"{tool} {cell.name} seed {seed}")
+        slug = f"{tool}-{cell.slug}-seed{seed}"
+        model_out = out / "models" / slug
+        cmd = tool_command(tool, cell, args, calib_paths[seed], model_out, seed)
+        run = {"cell": cell.name, "seed": seed, "tool": tool, **run_measured(cmd, out / "logs" / f"{slug}.log", env)}
         if run["rc"] == 0:
             run.update(evaluate(model_out, held, cell))
             run["per_layer"] = run.pop("per_layer")  # keep the long dict last in the JSON
@@ -386,13 +435,16 @@ def _bench(args: argparse.Namespace) -> int:
                 shutil.rmtree(model_out)
         runs.append(run)
         write(final=False)
-        bar.write(f"{tool:15s} {cell.name:14s} rc={run['rc']} wall={run['wall_s']:.0f}s "
+        bar.write(f"{tool:15s} {cell.name:14s} seed={seed} rc={run['rc']} wall={run['wall_s']:.0f}s "
                   f"rss={run['peak_rss_mib']:.0f}MiB ppl={run.get('perplexity', float('nan')):.3f}")
     dense.update(evaluate(args.model, held, None))  # last: the tools' runs come first on a busy machine
     doc = write(final=True)
     print(json.dumps({k: v for k, v in doc.items() if k != "runs"} | {"runs": [
         {k: v for k, v in r.items() if k != "per_layer"} for r in runs]}, indent=1))
     print(markdown_table(runs, dense.get("perplexity")))
+    summary = ratio_table(doc["ratios_prunekit_over_peer"])
+    if summary:
+        print(f"\n{summary}")
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 

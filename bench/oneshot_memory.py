@@ -105,18 +105,30 @@ def child_rss(mode: str, path: Path, out: Path) -> int:
 
 
 def measure(hidden: int, layers: tuple[int, int], intermediate: int, vocab: int = 32000,
-            control: bool = True) -> dict:
-    """Write both checkouts, prune each in a subprocess, and compare the peak RSS growth to the added bytes."""
+            control: bool = True, repeats: int = 1) -> dict:
+    """Write both checkouts, prune each in a subprocess, and compare the peak RSS growth to the added bytes.
+
+    With ``repeats`` > 1 each streamed size runs that many times, interleaved (small, large, small, ...), and its
+    lowest peak counts: identical runs differ only by allocator and page-cache noise; the lowest is least
+    disturbed.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats: got {repeats}; allowed >= 1")
     small, large = layers
     with tempfile.TemporaryDirectory(prefix="oneshot-memory-") as tmp:
         root = Path(tmp)
         block = write_random_checkout(root / "small", small, hidden, intermediate, vocab)
         write_random_checkout(root / "large", large, hidden, intermediate, vocab)
-        stream = {n: child_rss("stream", root / n, root / f"out-{n}") for n in ("small", "large")}
+        runs: dict[str, list[int]] = {"small": [], "large": []}
+        for k in range(repeats):
+            for n in runs:
+                runs[n].append(child_rss("stream", root / n, root / f"out-{n}-{k}"))
+        stream = {n: min(v) for n, v in runs.items()}
         result = {
             "hidden": hidden, "intermediate": intermediate, "vocab": vocab, "layers": [small, large],
             "block_bytes": block, "added_layer_bytes": block * (large - small),
-            "streamed_rss_bytes": [stream["small"], stream["large"]],
+            "streamed_rss_bytes": [stream["small"], stream["large"]], "repeats": repeats,
+            "streamed_rss_runs": runs,
             "streamed_growth_bytes": stream["large"] - stream["small"],
         }
         result["growth_over_added"] = result["streamed_growth_bytes"] / result["added_layer_bytes"]
@@ -135,11 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, nargs=2, default=(6, 12))
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--no-control", action="store_true", help="skip the whole-model from_pretrained control")
+    p.add_argument("--repeats", type=int, default=1, help="streamed runs per size; the lowest peak counts")
     args = p.parse_args(argv)
     import torch
     import transformers
 
-    result = measure(args.hidden, tuple(args.layers), args.intermediate, args.vocab, not args.no_control)
+    if args.repeats < 1:
+        p.error(f"--repeats: got {args.repeats}; allowed >= 1")
+    result = measure(args.hidden, tuple(args.layers), args.intermediate, args.vocab, not args.no_control,
+                     args.repeats)
     result.update(machine=platform.machine(), python=platform.python_version(), torch=torch.__version__,
                   transformers=transformers.__version__, protocol="magnitude 50%, 2 x 64 calibration tokens, "
                   "cpu, bf16 checkout, peak RSS (VmHWM) of a fresh subprocess per run, from after its imports")

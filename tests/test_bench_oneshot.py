@@ -172,8 +172,8 @@ def test_sparsity_stats_on_a_tiny_llama(lc):
     assert lc.sparsity_stats(model)["groups_below_2of4_zeros"] == 1
 
 
-def _run(cell: str, tool: str, ppl: float, wall: float, rss: float, rc: int = 0) -> dict:
-    r = {"cell": cell, "tool": tool, "rc": rc, "wall_s": wall, "peak_rss_mib": rss, "log": "x.log"}
+def _run(cell: str, tool: str, ppl: float, wall: float, rss: float, rc: int = 0, seed: int = 0) -> dict:
+    r = {"cell": cell, "seed": seed, "tool": tool, "rc": rc, "wall_s": wall, "peak_rss_mib": rss, "log": "x.log"}
     if rc == 0:
         r.update(perplexity=ppl, sparsity=0.5, groups_below_2of4_zeros=0)
     return r
@@ -182,12 +182,29 @@ def _run(cell: str, tool: str, ppl: float, wall: float, rss: float, rc: int = 0)
 def test_table_and_ratios(bench):
     runs = [_run("sparsegpt-2:4", "prunekit", 30.0, 50.0, 800.0), _run("sparsegpt-2:4", "llm-compressor", 40.0, 100.0, 1600.0),
             _run("magnitude-1x1", "prunekit", 90.0, 10.0, 500.0), _run("wanda-2:4", "llm-compressor", 0, 0, 0, rc=1)]
-    assert bench.compare(runs) == {"sparsegpt-2:4": {"perplexity": 0.75, "wall_s": 0.5, "peak_rss_mib": 0.5}}
+    assert bench.compare(runs) == {"sparsegpt-2:4": {
+        "perplexity": 0.75, "wall_s": 0.5, "peak_rss_mib": 0.5, "seeds": 1, "perplexity_wins": 1,
+        "per_seed": {0: {"perplexity": 0.75, "wall_s": 0.5, "peak_rss_mib": 0.5}}}}
     table = bench.markdown_table(runs, dense_ppl=20.0).splitlines()
-    assert table[2] == "| dense | – | 20.000 | 1.000 | – | – | – | – |"
-    assert table[3] == "| sparsegpt-2:4 | prunekit | 30.000 | 1.500 | 0.5000 | 0 | 50.0 | 800 |"
-    assert table[5].startswith("| magnitude-1x1 | prunekit | 90.000 | 4.500 | 0.5000 | – |")  # no N:M column for 1x1
+    assert table[2] == "| dense | – | – | 20.000 | 1.000 | – | – | – | – |"
+    assert table[3] == "| sparsegpt-2:4 | 0 | prunekit | 30.000 | 1.500 | 0.5000 | 0 | 50.0 | 800 |"
+    assert table[5].startswith("| magnitude-1x1 | 0 | prunekit | 90.000 | 4.500 | 0.5000 | – |")  # no N:M for 1x1
     assert "failed (rc 1" in table[6]
+
+
+def test_ratios_pair_runs_by_seed_and_take_geometric_means(bench):
+    runs = [_run("wanda-2:4", "prunekit", 99.0, 10.0, 100.0, seed=0), _run("wanda-2:4", "llm-compressor", 100.0, 20.0, 200.0, seed=0),
+            _run("wanda-2:4", "prunekit", 102.0, 40.0, 100.0, seed=3), _run("wanda-2:4", "llm-compressor", 100.0, 20.0, 400.0, seed=3),
+            _run("wanda-2:4", "prunekit", 50.0, 1.0, 1.0, seed=7)]  # no peer run for seed 7: not paired
+    r = bench.compare(runs)["wanda-2:4"]
+    assert r["seeds"] == 2 and r["perplexity_wins"] == 1 and set(r["per_seed"]) == {0, 3}
+    assert r["perplexity"] == pytest.approx(math.sqrt(0.99 * 1.02))
+    assert r["wall_s"] == pytest.approx(1.0) and r["peak_rss_mib"] == pytest.approx(math.sqrt(0.5 * 0.25))
+    table = bench.ratio_table(bench.compare(runs)).splitlines()
+    assert table[2].startswith("| wanda-2:4 | 2 | 1.0049 | 1 / 2 | 0: 0.9900, 3: 1.0200 | 1.000 |")
+    assert bench.ratio_table({}) == ""
+    rows = bench.markdown_table(runs, None).splitlines()
+    assert rows[4].startswith("| wanda-2:4 | 3 | prunekit | 102.000 |")
 
 
 def test_plot_writes_a_png(bench, tmp_path):
@@ -252,6 +269,7 @@ def test_cells_and_bad_flags_fail_before_any_work(bench, tmp_path, capsys):
         (["--model", str(model), "--skip-prunekit", "--peer-python", sys.executable, "--output", str(busy)],
          "exists and is not empty"),
         (["--model", str(model), "--sparsity", "1.5"], "--sparsity: got 1.5"),
+        (["--model", str(model), "--seeds", "0", "-1"], "--seeds: got [0, -1]"),
     ]:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
@@ -305,5 +323,7 @@ def test_peer_smoke_run_end_to_end(bench, tmp_path, monkeypatch, capsys):
     assert run["tool"] == "llm-compressor" and run["record"]["version"].startswith("0.14.")
     assert run["is_2:4"] and run["sparsity"] == 0.5 and run["lm_head_zeros"] == 0 and run["plain_config"]
     assert run["peak_rss_mib"] > 0 and math.isfinite(run["perplexity"])
-    assert not (out / "models" / "llm-compressor-wanda-2of4").exists()  # deleted after scoring
-    assert "| wanda-2:4 | llm-compressor |" in capsys.readouterr().out
+    assert not (out / "models" / "llm-compressor-wanda-2of4-seed0").exists()  # deleted after scoring
+    assert (out / "calibration-seed0.pt").is_file() and run["seed"] == 0
+    printed = capsys.readouterr().out
+    assert "| wanda-2:4 | 0 | llm-compressor |" in printed and "paired seeds" not in printed  # nothing to pair

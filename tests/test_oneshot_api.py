@@ -177,7 +177,7 @@ def test_whole_model_method_runs_through_the_same_call():
 @given(st.lists(st.one_of(st.integers(2, 9), st.just(0)), min_size=1, max_size=20), st.integers(4, 40))
 def test_micro_batches_keep_every_row_in_order_within_the_token_budget(lengths, budget):
     # 0 stands for a user's dict batch, which passes through unchanged and splits the stacking
-    from prunekit.oneshot.api import micro_batches
+    from prunekit.oneshot.pipeline import micro_batches
 
     batches = [{"input_ids": torch.full((1, 3), i)} if n == 0 else torch.full((1, n), i) for i, n in enumerate(lengths)]
     out = micro_batches(batches, budget)

@@ -110,6 +110,36 @@ def capture_block_inputs(model: nn.Module, structure: DecoderStructure, batches:
     return captured
 
 
+MICRO_BATCH_TOKENS = 2048  # a CPU block forward on 4 x 512 tokens at once is ~10 % cheaper per token than 4 x 1
+
+
+def micro_batches(batches: list[Any], max_tokens: int = MICRO_BATCH_TOKENS) -> list[Any]:
+    """Consecutive ``[1, L]`` token-id windows of equal length stacked into ``[k, L]`` batches (k·L <= max_tokens).
+
+    The statistics the pipeline collects are per token, so they do not depend on the batching; a user's dict
+    batches (which may carry their own masks) pass through unchanged.
+    """
+    out: list[Any] = []
+    group: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if group:
+            out.append(torch.cat(group) if len(group) > 1 else group[0])
+            group.clear()
+
+    for b in batches:
+        plain = isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[0] == 1
+        if not plain or (group and (b.shape[1] != group[0].shape[1]
+                                    or (len(group) + 1) * b.shape[1] > max_tokens)):
+            flush()
+        if plain:
+            group.append(b)
+        else:
+            out.append(b)
+    flush()
+    return out
+
+
 class LayerContext:
     """One decoder block during the sequential pass: the block (on the device) and its calibration inputs."""
 
@@ -117,16 +147,16 @@ class LayerContext:
                  device: torch.device | str | None) -> None:
         self.index, self.name, self.block, self.inputs, self.device = index, name, block, inputs, device
 
+    def _call(self, block: nn.Module, b: BlockInputs) -> Any:
+        """``block`` on one captured batch, its arguments moved to the device (the caller holds no_grad)."""
+        return block(to_device(b.hidden, self.device), *to_device(b.args, self.device),
+                     **to_device(b.kwargs, self.device))
+
     def forward(self, block: nn.Module | None = None) -> list[torch.Tensor]:
         """The block's hidden-state output for every calibration batch (no grad)."""
         block = self.block if block is None else block
-        outputs = []
         with torch.no_grad():
-            for b in self.inputs:
-                out = block(to_device(b.hidden, self.device), *to_device(b.args, self.device),
-                            **to_device(b.kwargs, self.device))
-                outputs.append(_hidden_of(out).to(b.hidden.device))
-        return outputs
+            return [_hidden_of(self._call(block, b)).to(b.hidden.device) for b in self.inputs]
 
     def collect(self, linears: Mapping[str, nn.Module], kinds: Iterable[str], stop_early: bool = False,
                 shared: Iterable[Iterable[str]] = ()) -> dict[str, InputStats]:
@@ -163,8 +193,7 @@ class LayerContext:
                 for b in self.inputs:
                     seen.clear()
                     try:
-                        self.block(to_device(b.hidden, self.device), *to_device(b.args, self.device),
-                                   **to_device(b.kwargs, self.device))
+                        self._call(self.block, b)
                     except _StopForward:
                         pass
         finally:
@@ -191,10 +220,8 @@ class LayerContext:
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
-            b = self.inputs[0]
             with torch.no_grad():
-                self.block(to_device(b.hidden, self.device), *to_device(b.args, self.device),
-                           **to_device(b.kwargs, self.device))
+                self._call(self.block, self.inputs[0])
         finally:
             for h in handles:
                 h.remove()
