@@ -91,12 +91,15 @@ def parse_cells(names: Sequence[str]) -> list[Cell]:
     return [CELLS[n] for n in dict.fromkeys(names)]
 
 
-def prepare_windows(tokenizer: Any, nsamples: int, seqlen: int, eval_count: int, seed: int,
-                    squad: dict | str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration [nsamples, seqlen], evaluation [eval_count, seqlen]) token windows of the bench protocol."""
+def prepare_windows(tokenizer: Any, nsamples: int, seqlen: int, eval_count: int, seeds: Sequence[int],
+                    squad: dict | str | os.PathLike | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """The bench protocol's token windows: {seed: calibration [nsamples, seqlen]}, evaluation [eval_count, seqlen].
+
+    The text is tokenized once; each seed only draws its own window starts.
+    """
     calib_ids = llm_common.tokenize(llm_common.wiki_text("calibration", squad), tokenizer)
     held_ids = llm_common.tokenize(llm_common.wiki_text("heldout", squad), tokenizer)
-    return (llm_common.calibration_windows(calib_ids, nsamples, seqlen, seed),
+    return ({seed: llm_common.calibration_windows(calib_ids, nsamples, seqlen, seed) for seed in seeds},
             llm_common.eval_windows(held_ids, seqlen, eval_count))
 
 
@@ -198,10 +201,10 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     perplexity is at most the peer's.
     """
     out: dict[str, dict[str, Any]] = {}
-    by = {(r["cell"], r.get("seed", 0), r["tool"]): r for r in runs if r.get("rc") == 0 and "perplexity" in r}
+    by = {(r["cell"], r["seed"], r["tool"]): r for r in runs if r.get("rc") == 0 and "perplexity" in r}
     for cell in dict.fromkeys(r["cell"] for r in runs):
         per_seed = {}
-        for seed in dict.fromkeys(r.get("seed", 0) for r in runs if r["cell"] == cell):
+        for seed in dict.fromkeys(r["seed"] for r in runs if r["cell"] == cell):
             ours, peer = by.get((cell, seed, "prunekit")), by.get((cell, seed, "llm-compressor"))
             if ours and peer:
                 per_seed[seed] = {k: ours[k] / peer[k] for k in RATIO_KEYS}
@@ -234,14 +237,14 @@ def markdown_table(runs: list[dict[str, Any]], dense_ppl: float | None) -> str:
         lines.append(f"| dense | – | – | {dense_ppl:.3f} | 1.000 | – | – | – | – |")
     for r in runs:
         if r.get("rc") != 0 or "perplexity" not in r:
-            lines.append(f"| {r['cell']} | {r.get('seed', 0)} | {r['tool']} | failed (rc {r.get('rc')}, see "
+            lines.append(f"| {r['cell']} | {r['seed']} | {r['tool']} | failed (rc {r.get('rc')}, see "
                          f"{r.get('log')}) | – | – | – | – | – |")
             continue
         ratio = f"{r['perplexity'] / dense_ppl:.3f}" if dense_ppl else "–"
         short = next((v for k, v in r.items() if k.startswith("groups_below_")), None)
         nm = str(short) if CELLS.get(r["cell"]) and CELLS[r["cell"]].nm else "–"
-        lines.append(f"| {r['cell']} | {r.get('seed', 0)} | {r['tool']} | {r['perplexity']:.3f} | {ratio} | {r['sparsity']:.4f} | {nm} "
-                     f"| {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['cell']} | {r['seed']} | {r['tool']} | {r['perplexity']:.3f} | {ratio} "
+                     f"| {r['sparsity']:.4f} | {nm} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -254,14 +257,14 @@ def plot(runs: list[dict[str, Any]], dense_ppl: float | None, path: Path) -> boo
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = list(dict.fromkeys((r["cell"], r.get("seed", 0)) for r in runs))
+    groups = list(dict.fromkeys((r["cell"], r["seed"]) for r in runs))
     several = len({seed for _, seed in groups}) > 1
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 + 1.6 * len(groups)), 4))
     width = 0.38
     for k, tool in enumerate(TOOLS):
         xs, ys = [], []
         for i, (cell, seed) in enumerate(groups):
-            r = next((r for r in runs if r["cell"] == cell and r.get("seed", 0) == seed and r["tool"] == tool
+            r = next((r for r in runs if r["cell"] == cell and r["seed"] == seed and r["tool"] == tool
                       and "perplexity" in r), None)
             if r:
                 xs.append(i + (k - 0.5) * width)
@@ -307,9 +310,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows scored")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window starts")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                   help="run every cell once per seed (its own calibration windows); overrides --seed")
+    p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="seeds of the calibration window starts: every cell runs once per seed, both tools on "
+                        "that seed's windows")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity of the 1x1 cells")
     p.add_argument("--block-size", type=int, default=128, help="SparseGPT block (llm-compressor's default)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening (llm-compressor's default)")
@@ -327,9 +330,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.cell_list = parse_cells(args.cells)
     except ValueError as e:
         p.error(str(e))
-    args.seed_list = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
-    if any(s < 0 for s in args.seed_list):
-        p.error(f"--seeds: got {args.seed_list}; allowed integers >= 0")
+    args.seeds = list(dict.fromkeys(args.seeds))
+    if any(s < 0 for s in args.seeds):
+        p.error(f"--seeds: got {args.seeds}; allowed integers >= 0")
     for key in ("nsamples", "seqlen", "eval_windows", "block_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')}: got {getattr(args, key)}; allowed >= 1")
@@ -376,19 +379,16 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calib_paths: dict[int, Path] = {}
-    calib_sha: dict[int, str] = {}
-    for seed in args.seed_list:
-        calib, held = prepare_windows(tokenizer, args.nsamples, args.seqlen, args.eval_windows, seed)
-        calib_paths[seed] = out / f"calibration-seed{seed}.pt"
-        calib_sha[seed] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    calibs, held = prepare_windows(tokenizer, args.nsamples, args.seqlen, args.eval_windows, args.seeds)
+    calib_paths = {seed: out / f"calibration-seed{seed}.pt" for seed in calibs}
+    for seed, calib in calibs.items():
         torch.save(calib, calib_paths[seed])
     (out / "models").mkdir()
 
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    plan = [(seed, cell, tool) for seed in args.seed_list for cell in args.cell_list for tool in TOOLS
+    plan = [(seed, cell, tool) for seed in args.seeds for cell in args.cell_list for tool in TOOLS
             if not (tool == "prunekit" and args.skip_prunekit)
             and not (tool == "llm-compressor" and (args.skip_peer or not cell.peer))]
 
@@ -403,10 +403,11 @@ def _bench(args: argparse.Namespace) -> int:
             "complete": final,
             "protocol": {"model": args.model, "text": "SQuAD v1.1 dev Wikipedia paragraphs; calibration articles "
                          "1-38, held out 39-48, joined with a blank line", "nsamples": args.nsamples,
-                         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seeds": args.seed_list,
+                         "seqlen": args.seqlen, "eval_windows": args.eval_windows, "seeds": args.seeds,
                          "dtype": "float32", "device": "cpu", "sparsity": args.sparsity,
                          "block_size": args.block_size, "dampening": args.dampening, "threads": args.threads,
-                         "calibration_sha256": {str(s): h for s, h in calib_sha.items()}},
+                         "calibration_sha256": {str(s): hashlib.sha256(c.numpy().tobytes()).hexdigest()
+                                                for s, c in calibs.items()}},
             "machine": machine_info(),
             "peer": next(({k: r["record"].get(k) for k in ("version", "torch", "transformers", "modifier",
                                                              "pipeline", "sequential_targets")}
@@ -418,7 +419,8 @@ def _bench(args: argparse.Namespace) -> int:
         doc["plot"] = str(out / "perplexity.png") if final and plot(runs, dense_ppl, out / "perplexity.png") else None
         (out / "results.json").write_text(json.dumps(doc, indent=1))
         summary = ratio_table(doc["ratios_prunekit_over_peer"])
-        (out / "results.md").write_text(markdown_table(runs, dense_ppl) + "\n" + (f"\n{summary}\n" if summary else ""))
+        (out / "results.md").write_text(markdown_table(runs, dense_ppl) + "\n"
+                                        + (f"\n{summary}\n" if summary else ""))
         return doc
 
     bar = tqdm(plan, desc="runs", unit="run", file=sys.stderr)

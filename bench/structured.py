@@ -144,6 +144,8 @@ def main() -> None:
                         help="methods whose points are distilled (each recovery is ~4 min on a 2-core CPU)")
     parser.add_argument("--plot", default=str(Path(__file__).with_name("structured.png")))
     args = parser.parse_args()
+    if args.recovery_seqlen < 2:  # checked before any pruning, not when the first distillation starts
+        parser.error(f"--recovery-seqlen: got {args.recovery_seqlen}; allowed >= 2")
     torch.set_num_threads(args.ppl_threads)
     started = time.perf_counter()
 

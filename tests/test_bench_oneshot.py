@@ -97,7 +97,9 @@ def test_eval_windows_are_the_first_consecutive_blocks(lc):
 def test_prepare_windows_uses_the_protocol(bench):
     squad = _fake_squad(words=200)
     tok = WordTokenizer(" ".join(p["context"] for a in squad["data"] for p in a["paragraphs"]))
-    calib, held = bench.prepare_windows(tok, nsamples=5, seqlen=32, eval_count=4, seed=0, squad=squad)
+    calibs, held = bench.prepare_windows(tok, nsamples=5, seqlen=32, eval_count=4, seeds=[0, 1], squad=squad)
+    calib = calibs[0]
+    assert not torch.equal(calibs[0], calibs[1])  # each seed draws its own starts
     assert calib.shape == (5, 32) and held.shape == (4, 32)
     assert held[0, 0] == tok.vocab["a38p0"]  # held out starts at article 39
     calib_vocab = {tok.vocab[w] for w in bench.llm_common.wiki_text("calibration", squad).split()}

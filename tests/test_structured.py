@@ -347,3 +347,16 @@ def test_prunekit_oneshot_structured_is_the_structured_command(tmp_path, capsys)
                  "--output", str(tmp_path / "out2"), "--ffn-sparsity", "0.3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("prunekit oneshot --structured: error: model:") and len(err.splitlines()) == 1
+
+
+def test_structured_bench_rejects_a_bad_recovery_window_before_any_work():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "structured.py"
+    # without the check the script starts pruning: the timeout turns that into a failure, not a hang
+    done = subprocess.run([sys.executable, str(script), "--recovery-seqlen", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "--recovery-seqlen: got 1; allowed >= 2" in done.stderr.strip().splitlines()[-1]
